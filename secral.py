@@ -1,0 +1,3056 @@
+#!/usr/bin/env python3
+"""Secral: end-to-end encrypted mail over a peer-to-peer network.
+
+What it is
+----------
+Secral carries email-like messages -- a subject, one recipient, a body --
+between people with no server in the middle.  Everyone runs a node, and
+every node is both client and server.  A node that is not connected to a
+mail's recipient hands the mail to its peers, which relay it; a node that
+cannot reach the recipient keeps the mail and delivers it when the
+recipient comes online, a day later or more.  Only the recipient can read
+a mail: it is sealed with AES-256-GCM under a fresh key wrapped with the
+recipient's RSA key, and signed by the sender's node.
+
+Nodes are named by NIS, a DNS-like system in which a name is a hash of a
+public key: `node-` and 24 base32 letters.  An address is `user@node-...`.
+Every node has the system user `Core`, which signs receipts (acks) and asks
+the network for NIS records, and the user `Default`.
+
+This file is the protocol's reference implementation, written to be read.
+spec/PROTOCOL.md is the normative text and spec/vectors/ its test vectors;
+the section numbers cited in docstrings below are PROTOCOL.md's.
+
+Threat model
+------------
+Relays and eavesdroppers are assumed hostile.  They can read everything on
+the wire except the subject and body, so they learn who mails whom (node
+and user names), when, and how much.  They cannot read, alter or forge a
+mail, an ack or a NIS record: each is signed, and names are checked against
+keys.  Links are authenticated once, by the handshake; frames after it are
+not, so an on-path attacker can drop or inject frames, but what it injects
+is checked like anything else.  Peers that send garbage, forgeries or
+floods lose reputation and are disconnected and banned (section 9).  A node
+trusts its own disk and clock; the clock may be wrong by 10 minutes.
+
+How a mail travels
+------------------
+    sender node                    relay                      recipient node
+    seal + sign, store in outbox
+    mail ------------------------> verify (no key needed)
+                                   store, then forward ------> verify, decrypt
+                                                               store in inbox
+                                   ack <---------------------- Core signs ack
+    outbox: delivered <----------- drop stored copy, forward
+
+If the recipient is offline, relays keep the mail (and flood it to their
+peers within a hop limit) until the recipient connects to one of them.
+
+Reading order (sections of this file)
+-------------------------------------
+    Constants            every limit, with its reason
+    Errors               RemoteError (their fault) and LocalError (ours), codes
+    Encoding             canonical JSON, base64, frames, field checks
+    Cryptography         RSA-PSS, RSA-OAEP, AES-GCM; the only pycryptodome use
+    Names and NIS        domains, addresses, NIS records
+    Protocol objects     mail, acks, hello/auth, the frame table
+    Reputation           the score table, decay and bans
+    Routing core         Node: the whole protocol, sans-IO (no sockets, no clock)
+    Stores               shelve over SQLite, durable and thread-safe
+    Network shell        sockets and threads around the core
+    Control interface    the local port the CLI talks to
+    Command line         python3 secral.py node | send | inbox | ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import collections
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import heapq
+import hmac
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import shelve
+import signal
+import socket
+import socketserver
+import sqlite3
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("secral")
+
+
+# =============================================================================
+# Constants
+# =============================================================================
+# Every number a peer can observe is here, with the reason it has its value.
+# spec/PROTOCOL.md section 10 ("Limits") repeats this table; the two agree.
+
+PROTOCOL_VERSION = 1            # the "v" of hello; a peer with another v is refused
+AGENT = f"secral.py/{__version__}"
+DEFAULT_PORT = 7700             # TCP port a node listens on unless told otherwise
+
+# -- Wire limits (PROTOCOL.md section 3) --
+MAX_LINE = 262_144              # bytes in one frame, newline included: a mail with a
+                                # full 128 KiB body is ~180 KB once base64-encoded
+MAX_INT = 2**53 - 1             # JSON integers stay exact in every language's double
+MAX_SUBJECT = 256               # characters (code points) in a subject
+MAX_BODY = 131_072              # bytes of UTF-8 in a body (128 KiB)
+MAX_HOPS = 8                    # relay steps a mail or ack may still take
+MAX_TTL = 7 * 86_400            # a mail lives at most 7 days after it was created
+MAX_FUTURE = 600                # clocks may disagree by 10 minutes
+MAX_REASON = 256                # characters in an ack's reason
+MAX_AGENT = 128                 # characters in hello's agent string
+MAX_HOST = 253                  # characters in a record's host (a DNS name's limit)
+MAX_PEER_RECORDS = 32           # records in one peers frame
+
+# -- Cryptography (PROTOCOL.md section 4) --
+RSA_BITS = 3072                 # ~128-bit security; the only size a node accepts
+RSA_EXPONENT = 65537            # the only public exponent a node accepts
+RSA_BYTES = RSA_BITS // 8       # length of a signature and of a wrapped key
+PSS_SALT = 32                   # bytes of salt in each signature (= SHA-256 size)
+AES_KEY = 32                    # AES-256
+GCM_NONCE = 12                  # bytes; the size GCM is designed for
+GCM_TAG = 16                    # bytes, appended to the ciphertext
+HELLO_NONCE = 16                # bytes of challenge in hello
+MAIL_ID = 16                    # random bytes in a mail id (32 hex characters)
+
+# -- Names (PROTOCOL.md section 5) --
+DOMAIN_PREFIX = "node-"
+DOMAIN_HASH_BYTES = 15          # 120 bits of SHA-256: 24 base32 characters
+CORE_USER = "Core"              # system user: signs acks, asks NIS questions
+DEFAULT_USER = "Default"        # the user every node has from the start
+RECORD_LIFETIME = 30 * 86_400   # a node's own NIS record is valid for 30 days ...
+RECORD_REFRESH = 15 * 86_400    # ... and is re-signed when less than 15 remain
+MAX_RECORD_LIFETIME = RECORD_LIFETIME + MAX_FUTURE  # longer-lived records are refused
+NIS_HOPS = 3                    # how far a nis_query travels
+NIS_TIMEOUT = 6                 # seconds an asker waits for a nis_answer
+
+
+# =============================================================================
+# Errors
+# =============================================================================
+# Like h11, Secral separates whose fault an error is.  A RemoteError means the
+# bytes came from outside and broke a rule: the peer is scored and, where the
+# spec says, disconnected.  A LocalError means the local user or program asked
+# for something impossible (an unknown user, no node running).  Both carry a
+# short `code` from the closed list below; the same codes appear in `error`
+# frames, in rejected acks and as the `expect` value of spec/vectors.
+
+ERROR_CODES = {
+    # code               meaning
+    "not_json":          "a line is not UTF-8 JSON",
+    "too_large":         "a line, subject or body is over its limit",
+    "malformed":         "a frame or object lacks a field, has a wrong type or value",
+    "unknown_type":      "a frame type this node does not know",
+    "bad_key":           "not a canonical RSA-3072, e=65537 public key",
+    "bad_domain":        "a domain is misspelt or does not derive from the key",
+    "bad_address":       "an address is not user@node-...",
+    "bad_signature":     "a signature does not verify",
+    "expired":           "an object is past its expiry",
+    "future":            "an object was created too far in the future",
+    "bad_ttl":           "an object's lifetime is longer than allowed",
+    "bad_hops":          "a hop count outside 0..8 (or 0..3 for NIS)",
+    "decrypt_failed":    "the wrapped key or the ciphertext does not open",
+    "mismatch":          "sealed from/to differ from the envelope's",
+    "wrong_recipient":   "the mail is not addressed to this node",
+    "no_such_user":      "the recipient user does not exist on its node",
+    "not_ready":         "a frame other than hello/auth before the handshake",
+    "wrong_peer":        "the peer is not the node that was dialled",
+    "self_connection":   "a node connected to itself",
+    "duplicate_connection": "a second connection between the same two nodes",
+    "version":           "a protocol version this node does not speak",
+    "timeout":           "a handshake or an idle connection took too long",
+    "rate_exceeded":     "frames faster than the rate limit",
+    "duplicate":         "the same object twice on one connection",
+    "quota_exceeded":    "the relay store is full for this origin or in total",
+    "banned":            "reputation reached -100: disconnected and banned",
+    "busy":              "too many connections",
+    "shutdown":          "the node is stopping",
+    # local errors (never on the wire)
+    "not_running":       "no node is running for this data directory",
+    "not_found":         "no such mail, record, user or contact",
+    "exists":            "the name is already taken",
+    "refused":           "the operation is not allowed",
+    "unauthorized":      "the control token is missing or wrong",
+}
+
+
+class SecralError(Exception):
+    """An error with a short machine-readable code from ERROR_CODES."""
+
+    def __init__(self, code: str, message: str):
+        assert code in ERROR_CODES, code
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RemoteError(SecralError):
+    """Input from outside (a peer, a frame, an object) broke a protocol rule."""
+
+
+class LocalError(SecralError):
+    """The local user or caller asked for something that cannot be done."""
+
+
+# =============================================================================
+# Encoding
+# =============================================================================
+# PROTOCOL.md section 3.  One frame is one JSON object on one line.  Signatures
+# cover the *canonical* JSON of an object: keys sorted, no whitespace, UTF-8,
+# integers only.  For the values Secral allows (ASCII member names, integers
+# below 2**53, no floats) this is byte-identical to RFC 8785 (JCS).
+
+def canonical_json(obj: Any) -> bytes:
+    """The canonical encoding of `obj` (PROTOCOL.md 3.2)."""
+    try:
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False, allow_nan=False)
+        return text.encode("utf-8")
+    except (UnicodeEncodeError, ValueError, TypeError) as exc:
+        # A lone surrogate escape ("\ud800") parses but cannot be UTF-8.
+        raise RemoteError("malformed", f"not encodable as canonical JSON: {exc}")
+
+
+def b64e(data: bytes) -> str:
+    """Standard base64 with padding (RFC 4648 section 4)."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64d(text: Any, what: str, size: int | None = None) -> bytes:
+    """Decode strict, canonical base64; `size`, if given, is the exact length."""
+    if not isinstance(text, str) or not text.isascii():
+        raise RemoteError("malformed", f"{what}: expected a base64 string")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RemoteError("malformed", f"{what}: invalid base64")
+    if b64e(data) != text:      # stray padding bits: two spellings of one value
+        raise RemoteError("malformed", f"{what}: non-canonical base64")
+    if size is not None and len(data) != size:
+        raise RemoteError("malformed", f"{what}: expected {size} bytes, got {len(data)}")
+    return data
+
+
+def _json_int(text: str) -> int:
+    value = int(text)
+    if abs(value) > MAX_INT:
+        raise ValueError(f"integer {text[:20]} is outside +-(2**53-1)")
+    return value
+
+
+def _json_float(text: str) -> None:
+    raise ValueError(f"number {text[:20]} is not an integer")
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _json_constant(text: str) -> None:
+    raise _NotJson(f"{text} is not JSON")      # Python accepts NaN/Infinity; JSON does not
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        # Parsers disagree on which duplicate wins; a signature must mean one thing.
+        raise ValueError("duplicate member name")
+    for key in obj:
+        if not key.isascii():
+            raise ValueError("non-ASCII member name")
+    return obj
+
+
+def parse_json(data: bytes | str) -> Any:
+    """Parse strict Secral JSON: UTF-8, integers only, no duplicate keys."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteError("not_json", "invalid UTF-8")
+    try:
+        return json.loads(data, parse_int=_json_int, parse_float=_json_float,
+                          parse_constant=_json_constant, object_pairs_hook=_json_object)
+    except RecursionError:
+        raise RemoteError("malformed", "JSON nested too deeply")
+    except json.JSONDecodeError as exc:
+        raise RemoteError("not_json", f"not JSON: {exc.msg} at offset {exc.pos}")
+    except _NotJson as exc:
+        raise RemoteError("not_json", str(exc))
+    except ValueError as exc:
+        raise RemoteError("malformed", str(exc))
+
+
+def decode_frame(line: bytes) -> dict:
+    """One received line (newline included or not) to a frame (PROTOCOL.md 3.1).
+
+    Only the envelope is checked here: size, JSON, an object, a string "type".
+    The fields of each type are checked by verify_frame.
+    """
+    if len(line) > MAX_LINE:
+        raise RemoteError("too_large", f"line of {len(line)} bytes; the limit is {MAX_LINE}")
+    frame = parse_json(line)
+    if not isinstance(frame, dict):
+        raise RemoteError("malformed", "a frame must be a JSON object")
+    if not isinstance(frame.get("type"), str):
+        raise RemoteError("malformed", 'a frame needs a string "type"')
+    return frame
+
+
+def encode_frame(frame: dict) -> bytes:
+    """A frame as one line, ready for the socket."""
+    line = canonical_json(frame) + b"\n"
+    if len(line) > MAX_LINE:
+        raise LocalError("too_large", f"frame of {len(line)} bytes exceeds {MAX_LINE}")
+    return line
+
+
+# -- Field checks -------------------------------------------------------------
+# Objects are described by tables of (field, check); `check_fields` applies one.
+# A check is a function(value, what) that returns the value or raises.
+
+def is_int(value: Any, what: str) -> int:
+    if type(value) is not int:          # bool is an int in Python, not on the wire
+        raise RemoteError("malformed", f"{what}: expected an integer")
+    return value
+
+
+def is_str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise RemoteError("malformed", f"{what}: expected a string")
+    return value
+
+
+def is_dict(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise RemoteError("malformed", f"{what}: expected an object")
+    return value
+
+
+def is_list(value: Any, what: str) -> list:
+    if not isinstance(value, list):
+        raise RemoteError("malformed", f"{what}: expected an array")
+    return value
+
+
+def is_time(value: Any, what: str) -> int:
+    if is_int(value, what) < 0:
+        raise RemoteError("malformed", f"{what}: a time cannot be negative")
+    return value
+
+
+def is_hops(limit: int) -> Callable[[Any, str], int]:
+    def check(value: Any, what: str) -> int:
+        if not 0 <= is_int(value, what) <= limit:
+            raise RemoteError("bad_hops", f"{what}: {value} is outside 0..{limit}")
+        return value
+    return check
+
+
+def is_hex_id(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{32}", value):
+        raise RemoteError("malformed", f"{what}: expected 32 lowercase hex digits")
+    return value
+
+
+def is_short_text(limit: int) -> Callable[[Any, str], str]:
+    def check(value: Any, what: str) -> str:
+        if len(is_str(value, what)) > limit:
+            raise RemoteError("too_large", f"{what}: longer than {limit} characters")
+        return value
+    return check
+
+
+def check_fields(obj: Any, table: dict[str, Callable], what: str) -> dict:
+    """Check that `obj` is an object whose fields pass `table`; extra fields are kept."""
+    is_dict(obj, what)
+    for name, check in table.items():
+        if name not in obj:
+            raise RemoteError("malformed", f"{what}: missing field {name!r}")
+        check(obj[name], f"{what}.{name}")
+    return obj
+
+
+# =============================================================================
+# Cryptography
+# =============================================================================
+# PROTOCOL.md section 4.  The only place pycryptodome is used.  Every random
+# value is drawn from an injectable `rng(n) -> bytes` so that spec/vectors can
+# be reproduced exactly; real nodes pass os.urandom.
+
+from Crypto.Cipher import AES, PKCS1_OAEP          # noqa: E402
+from Crypto.Hash import SHA256                      # noqa: E402
+from Crypto.PublicKey import RSA                    # noqa: E402
+from Crypto.Signature import pss                    # noqa: E402
+
+Rng = Callable[[int], bytes]
+
+
+def _mgf1(seed: bytes, length: int) -> bytes:
+    from Crypto.Signature.pss import MGF1
+    return MGF1(seed, length, SHA256)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_public_key(text: str) -> RSA.RsaKey:
+    """Base64 DER SubjectPublicKeyInfo to a key; only RSA-3072 with e=65537.
+
+    The DER must be canonical: re-encoding the key gives the same bytes.
+    Parsed keys are cached because every relayed mail carries its sender's key.
+    """
+    der = b64d(text, "key")
+    try:
+        key = RSA.import_key(der)
+    except (ValueError, IndexError, TypeError):
+        raise RemoteError("bad_key", "not an RSA public key")
+    if key.has_private():
+        raise RemoteError("bad_key", "a private key where a public key belongs")
+    if key.size_in_bits() != RSA_BITS or key.e != RSA_EXPONENT:
+        raise RemoteError("bad_key", f"RSA-{key.size_in_bits()} e={key.e}; "
+                          f"only RSA-{RSA_BITS} e={RSA_EXPONENT} is accepted")
+    if key.export_key(format="DER") != der:
+        raise RemoteError("bad_key", "not canonical DER SubjectPublicKeyInfo")
+    return key
+
+
+def sign(key: RSA.RsaKey, message: bytes, rng: Rng = os.urandom) -> bytes:
+    """RSASSA-PSS, SHA-256, MGF1-SHA-256, 32-byte salt (RFC 8017 section 8.1)."""
+    return pss.new(key, salt_bytes=PSS_SALT, rand_func=rng).sign(SHA256.new(message))
+
+
+def verify_signature(key: RSA.RsaKey, message: bytes, signature: bytes) -> bool:
+    try:
+        pss.new(key, salt_bytes=PSS_SALT).verify(SHA256.new(message), signature)
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
+def wrap_key(key: RSA.RsaKey, secret: bytes, rng: Rng = os.urandom) -> bytes:
+    """RSAES-OAEP, SHA-256, MGF1-SHA-256, empty label (RFC 8017 section 7.1)."""
+    return PKCS1_OAEP.new(key, hashAlgo=SHA256, randfunc=rng).encrypt(secret)
+
+
+def unwrap_key(key: RSA.RsaKey, wrapped: bytes) -> bytes:
+    try:
+        secret = PKCS1_OAEP.new(key, hashAlgo=SHA256).decrypt(wrapped)
+    except (ValueError, TypeError):
+        raise RemoteError("decrypt_failed", "the wrapped key does not open with this node's key")
+    if len(secret) != AES_KEY:
+        raise RemoteError("decrypt_failed", f"the wrapped key is {len(secret)} bytes, not {AES_KEY}")
+    return secret
+
+
+def seal_gcm(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """AES-256-GCM; returns ciphertext || 16-byte tag."""
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=GCM_TAG)
+    cipher.update(aad)
+    ciphertext, tag = cipher.encrypt_and_digest(plaintext)
+    return ciphertext + tag
+
+
+def open_gcm(key: bytes, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+    if len(sealed) < GCM_TAG:
+        raise RemoteError("decrypt_failed", "ciphertext shorter than its tag")
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=GCM_TAG)
+    cipher.update(aad)
+    try:
+        return cipher.decrypt_and_verify(sealed[:-GCM_TAG], sealed[-GCM_TAG:])
+    except ValueError:
+        raise RemoteError("decrypt_failed", "the ciphertext or its associated data was altered")
+
+
+class Identity:
+    """A node's RSA-3072 key pair and the names derived from it."""
+
+    def __init__(self, key: RSA.RsaKey):
+        if not key.has_private() or key.size_in_bits() != RSA_BITS or key.e != RSA_EXPONENT:
+            raise LocalError("bad_key", f"a node key must be a private RSA-{RSA_BITS} key, e={RSA_EXPONENT}")
+        self.key = key
+        self.public_der = key.public_key().export_key(format="DER")
+        self.public_b64 = b64e(self.public_der)
+        self.domain = domain_of_der(self.public_der)
+
+    @classmethod
+    def generate(cls) -> "Identity":
+        return cls(RSA.generate(RSA_BITS, e=RSA_EXPONENT))
+
+    @classmethod
+    def from_pem(cls, pem: bytes | str) -> "Identity":
+        try:
+            key = RSA.import_key(pem)
+        except (ValueError, IndexError, TypeError) as exc:
+            raise LocalError("bad_key", f"cannot read the node key: {exc}")
+        return cls(key)
+
+    def to_pem(self) -> bytes:
+        """PEM PKCS#8 ("BEGIN PRIVATE KEY"), unencrypted."""
+        return self.key.export_key(format="PEM", pkcs=8)
+
+    def sign(self, obj: dict, rng: Rng = os.urandom) -> dict:
+        """Return a copy of `obj` with "sig" over its canonical JSON (PROTOCOL.md 4.2)."""
+        unsigned = {k: v for k, v in obj.items() if k != "sig"}
+        return {**unsigned, "sig": b64e(sign(self.key, canonical_json(unsigned), rng))}
+
+    def __repr__(self) -> str:
+        return f"<Identity {self.domain}>"
+
+
+def load_identity(path: str, create: bool = True) -> Identity:
+    """Read DATA_DIR/node.key, creating it (mode 0600) on first use."""
+    try:
+        with open(path, "rb") as f:
+            return Identity.from_pem(f.read())
+    except FileNotFoundError:
+        if not create:
+            raise LocalError("not_found", f"no node key at {path}")
+    identity = Identity.generate()
+    save_identity(identity, path)
+    return identity
+
+
+def save_identity(identity: Identity, path: str) -> None:
+    """Write the key with mode 0600 from the first byte, atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(identity.to_pem())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def verify_signed(obj: dict, key: RSA.RsaKey, what: str) -> None:
+    """Check obj["sig"] against the canonical JSON of obj without "sig"."""
+    signature = b64d(obj.get("sig"), f"{what}.sig", RSA_BYTES)
+    unsigned = {k: v for k, v in obj.items() if k != "sig"}
+    if not verify_signature(key, canonical_json(unsigned), signature):
+        raise RemoteError("bad_signature", f"{what}: the signature does not verify")
+
+
+# =============================================================================
+# Names and NIS records
+# =============================================================================
+# PROTOCOL.md section 5.  A domain is a hash of a public key, so it certifies
+# itself: anyone holding a key can check it against the domain, and a NIS
+# record learned from a stranger is as good as one learned from its owner.
+
+DOMAIN_RE = re.compile(r"node-[a-z2-7]{24}")
+USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def domain_of_der(der: bytes) -> str:
+    digest = hashlib.sha256(der).digest()[:DOMAIN_HASH_BYTES]
+    return DOMAIN_PREFIX + base64.b32encode(digest).decode("ascii").lower()
+
+
+@functools.lru_cache(maxsize=4096)
+def domain_of_key(text: str) -> str:
+    """The domain of a base64 DER public key (checked by parse_public_key)."""
+    parse_public_key(text)
+    return domain_of_der(base64.b64decode(text))
+
+
+def check_domain(value: Any, what: str = "domain") -> str:
+    if not isinstance(value, str) or not DOMAIN_RE.fullmatch(value):
+        raise RemoteError("bad_domain", f"{what}: {str(value)[:40]!r} is not node- and 24 base32 letters")
+    return value
+
+
+def check_user(value: Any, what: str = "user") -> str:
+    if not isinstance(value, str) or not USER_RE.fullmatch(value):
+        raise RemoteError("bad_address", f"{what}: {str(value)[:70]!r} is not 1-64 of A-Z a-z 0-9 . _ - "
+                          "starting with a letter or digit")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    """user@domain.  Users compare case-insensitively; `key` is the folded form."""
+
+    user: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.domain}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.user.lower()}@{self.domain}"
+
+    @property
+    def is_core(self) -> bool:
+        return self.user.lower() == CORE_USER.lower()
+
+
+def parse_address(value: Any, what: str = "address") -> Address:
+    """Parse `user@node-...` (PROTOCOL.md 5.2).  Domains are lowercase on the wire."""
+    if not isinstance(value, str) or value.count("@") != 1:
+        raise RemoteError("bad_address", f"{what}: {str(value)[:100]!r} is not user@node-...")
+    user, domain = value.split("@")
+    check_user(user, what)
+    if not DOMAIN_RE.fullmatch(domain):
+        raise RemoteError("bad_address", f"{what}: {domain[:40]!r} is not a node- domain")
+    return Address(user, domain)
+
+
+def is_host(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9.:-]{1,%d}" % MAX_HOST, value):
+        raise RemoteError("malformed", f"{what}: not a host name or IP address")
+    return value
+
+
+RECORD_FIELDS = {
+    "kind": is_str, "domain": check_domain, "host": is_host, "port": is_int,
+    "key": is_str, "seq": is_int, "expires": is_time, "sig": is_str,
+}
+
+
+def make_record(identity: Identity, host: str | None, port: int, seq: int, expires: int,
+                rng: Rng = os.urandom) -> dict:
+    """A node's NIS record, signed by itself (PROTOCOL.md 5.3)."""
+    return identity.sign({
+        "kind": "nis", "domain": identity.domain, "host": host,
+        "port": port if host is not None else 0,
+        "key": identity.public_b64, "seq": seq, "expires": expires,
+    }, rng)
+
+
+def verify_record(record: Any, now: int, what: str = "record") -> dict:
+    """Check a NIS record: shape, key, domain derivation, lifetime, signature."""
+    check_fields(record, RECORD_FIELDS, what)
+    if record["kind"] != "nis":
+        raise RemoteError("malformed", f'{what}.kind: expected "nis"')
+    if not 0 <= record["port"] <= 65535 or (record["host"] is None and record["port"] != 0):
+        raise RemoteError("malformed", f"{what}.port: 1-65535 with a host, 0 without")
+    if record["host"] is not None and record["port"] == 0:
+        raise RemoteError("malformed", f"{what}.port: a host needs a port")
+    if not 0 <= record["seq"] <= MAX_INT:
+        raise RemoteError("malformed", f"{what}.seq: must be 0 or more")
+    key = parse_public_key(record["key"])
+    if domain_of_key(record["key"]) != record["domain"]:
+        raise RemoteError("bad_domain", f"{what}: the domain does not derive from the key")
+    if record["expires"] <= now:
+        raise RemoteError("expired", f"{what}: expired at {record['expires']}")
+    if record["expires"] > now + MAX_RECORD_LIFETIME:
+        raise RemoteError("bad_ttl", f"{what}: expires more than {MAX_RECORD_LIFETIME} s ahead")
+    verify_signed(record, key, what)
+    return record
+
+
+def record_supersedes(new: dict, old: dict | None) -> bool:
+    """Whether `new` replaces `old` for the same domain: strictly higher seq."""
+    return old is None or new["seq"] > old["seq"]
+
+
+# =============================================================================
+# Protocol objects: mail, acks, handshake
+# =============================================================================
+# PROTOCOL.md sections 6 and 7.  Constructors are make_<kind>/seal_mail; checks
+# are verify_<kind>.  A verify_ function returns the object it was given or
+# raises RemoteError; it never needs a private key.
+
+MAIL_FIELDS = {
+    "kind": is_str, "id": is_hex_id, "from": is_str, "to": is_str, "from_key": is_str,
+    "created": is_time, "expires": is_time, "key": is_str, "nonce": is_str, "ct": is_str,
+    "sig": is_str,
+}
+ENVELOPE_FIELDS = ("created", "expires", "from", "id", "to")    # the AAD of the ciphertext
+PLAIN_FIELDS = {"from": is_str, "to": is_str, "subject": is_str, "body": is_str}
+ACK_FIELDS = {
+    "kind": is_str, "id": is_hex_id, "from": is_str, "to": is_str, "from_key": is_str,
+    "created": is_time, "status": is_str, "reason": is_short_text(MAX_REASON), "sig": is_str,
+}
+ACK_STATUSES = ("delivered", "rejected")
+
+# Reasons a recipient gives in a rejected ack (PROTOCOL.md 7.4).
+REJECT_REASONS = ("no_such_user", "decrypt_failed", "mismatch", "malformed", "too_large")
+
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_subject(subject: Any, what: str = "subject") -> str:
+    is_str(subject, what)
+    if len(subject) > MAX_SUBJECT:
+        raise RemoteError("too_large", f"{what}: {len(subject)} characters; the limit is {MAX_SUBJECT}")
+    if CONTROL_CHARS.search(subject):
+        raise RemoteError("malformed", f"{what}: control characters are not allowed")
+    return subject
+
+
+def check_body(body: Any, what: str = "body") -> str:
+    is_str(body, what)
+    try:
+        size = len(body.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise RemoteError("malformed", f"{what}: not valid Unicode text")
+    if size > MAX_BODY:
+        raise RemoteError("too_large", f"{what}: {size} bytes of UTF-8; the limit is {MAX_BODY}")
+    return body
+
+
+def envelope_of(mail: dict) -> bytes:
+    """The associated data of a mail's ciphertext (PROTOCOL.md 4.4)."""
+    return canonical_json({name: mail[name] for name in ENVELOPE_FIELDS})
+
+
+def seal_mail(identity: Identity, sender: Address, recipient: Address, recipient_key: str,
+              subject: str, body: str, now: int, ttl: int = MAX_TTL,
+              rng: Rng = os.urandom) -> dict:
+    """Encrypt and sign a mail (PROTOCOL.md 6.1).
+
+    Randomness is drawn in this order: mail id (16 bytes), AES key (32),
+    GCM nonce (12), OAEP seed (32), PSS salt (32).
+    """
+    if sender.domain != identity.domain:
+        raise LocalError("bad_address", f"{sender} is not an address of this node")
+    if not 0 < ttl <= MAX_TTL:
+        raise LocalError("bad_ttl", f"time to live must be 1..{MAX_TTL} seconds")
+    check_subject(subject)
+    check_body(body)
+    key = parse_public_key(recipient_key)
+    if domain_of_key(recipient_key) != recipient.domain:
+        raise LocalError("bad_domain", f"the key given for {recipient} is not {recipient.domain}'s")
+    mail_id = rng(MAIL_ID).hex()
+    aes_key, nonce = rng(AES_KEY), rng(GCM_NONCE)
+    mail = {"kind": "mail", "id": mail_id, "from": str(sender), "to": str(recipient),
+            "from_key": identity.public_b64, "created": now, "expires": now + ttl}
+    plaintext = canonical_json({"from": str(sender), "to": str(recipient),
+                                "subject": subject, "body": body})
+    mail["ct"] = b64e(seal_gcm(aes_key, nonce, plaintext, envelope_of(mail)))
+    mail["nonce"] = b64e(nonce)
+    mail["key"] = b64e(wrap_key(key, aes_key, rng))
+    return identity.sign(mail, rng)
+
+
+def verify_mail(mail: Any, now: int, what: str = "mail") -> dict:
+    """Everything a relay can check without the recipient's key (PROTOCOL.md 6.2)."""
+    check_fields(mail, MAIL_FIELDS, what)
+    if mail["kind"] != "mail":
+        raise RemoteError("malformed", f'{what}.kind: expected "mail"')
+    sender = parse_address(mail["from"], f"{what}.from")
+    parse_address(mail["to"], f"{what}.to")
+    key = parse_public_key(mail["from_key"])
+    if domain_of_key(mail["from_key"]) != sender.domain:
+        raise RemoteError("bad_domain", f"{what}: from_key is not the key of {sender.domain}")
+    check_lifetime(mail["created"], mail["expires"], now, what)
+    b64d(mail["key"], f"{what}.key", RSA_BYTES)
+    b64d(mail["nonce"], f"{what}.nonce", GCM_NONCE)
+    if len(b64d(mail["ct"], f"{what}.ct")) < GCM_TAG:
+        raise RemoteError("malformed", f"{what}.ct: shorter than the GCM tag")
+    verify_signed(mail, key, what)
+    return mail
+
+
+def check_lifetime(created: int, expires: int, now: int, what: str) -> None:
+    if created > now + MAX_FUTURE:
+        raise RemoteError("future", f"{what}: created {created - now} s in the future")
+    if not created < expires <= created + MAX_TTL:
+        raise RemoteError("bad_ttl", f"{what}: expires must be 1..{MAX_TTL} s after created")
+    if expires <= now:
+        raise RemoteError("expired", f"{what}: expired {now - expires} s ago")
+
+
+def open_mail(identity: Identity, mail: dict) -> dict:
+    """Decrypt a verified mail addressed to this node (PROTOCOL.md 6.3).
+
+    Returns the plaintext {"from", "to", "subject", "body"}.  The caller has
+    already run verify_mail; this adds the checks only the recipient can make.
+    """
+    if parse_address(mail["to"]).domain != identity.domain:
+        raise RemoteError("wrong_recipient", f"mail to {mail['to']} is not for {identity.domain}")
+    aes_key = unwrap_key(identity.key, b64d(mail["key"], "mail.key", RSA_BYTES))
+    plaintext = open_gcm(aes_key, b64d(mail["nonce"], "mail.nonce", GCM_NONCE),
+                         b64d(mail["ct"], "mail.ct"), envelope_of(mail))
+    try:
+        plain = check_fields(parse_json(plaintext), PLAIN_FIELDS, "plaintext")
+    except RemoteError as exc:
+        raise RemoteError("malformed", f"the sealed content is not a Secral plaintext: {exc.message}")
+    if plain["from"] != mail["from"] or plain["to"] != mail["to"]:
+        raise RemoteError("mismatch", "the sealed from/to differ from the envelope's")
+    check_subject(plain["subject"], "plaintext.subject")
+    check_body(plain["body"], "plaintext.body")
+    return {name: plain[name] for name in PLAIN_FIELDS}
+
+
+def make_ack(identity: Identity, mail: dict, status: str, reason: str, now: int,
+             rng: Rng = os.urandom) -> dict:
+    """Core's signed receipt for `mail` (PROTOCOL.md 7.3)."""
+    assert status in ACK_STATUSES
+    return identity.sign({
+        "kind": "ack", "id": mail["id"],
+        "from": f"{CORE_USER}@{identity.domain}",
+        "to": f"{CORE_USER}@{parse_address(mail['from']).domain}",
+        "from_key": identity.public_b64, "created": now, "status": status, "reason": reason,
+    }, rng)
+
+
+def verify_ack(ack: Any, now: int, what: str = "ack") -> dict:
+    """Check an ack without any private key (PROTOCOL.md 7.3)."""
+    check_fields(ack, ACK_FIELDS, what)
+    if ack["kind"] != "ack":
+        raise RemoteError("malformed", f'{what}.kind: expected "ack"')
+    signer = parse_address(ack["from"], f"{what}.from")
+    target = parse_address(ack["to"], f"{what}.to")
+    if not signer.is_core or not target.is_core:
+        raise RemoteError("bad_address", f"{what}: acks go from Core to Core")
+    if ack["status"] not in ACK_STATUSES:
+        raise RemoteError("malformed", f"{what}.status: expected delivered or rejected")
+    key = parse_public_key(ack["from_key"])
+    if domain_of_key(ack["from_key"]) != signer.domain:
+        raise RemoteError("bad_domain", f"{what}: from_key is not the key of {signer.domain}")
+    if ack["created"] > now + MAX_FUTURE:
+        raise RemoteError("future", f"{what}: created {ack['created'] - now} s in the future")
+    if ack["created"] + ack_lifetime() <= now:
+        raise RemoteError("expired", f"{what}: older than any mail it could answer")
+    verify_signed(ack, key, what)
+    return ack
+
+
+def ack_lifetime() -> int:
+    """How long an ack is worth carrying: as long as the longest-lived mail."""
+    return MAX_TTL + MAX_FUTURE
+
+
+def make_hello(record: dict, nonce: bytes) -> dict:
+    return {"type": "hello", "v": PROTOCOL_VERSION, "record": record,
+            "nonce": b64e(nonce), "agent": AGENT}
+
+
+def auth_statement(nonce: str, signer: str, peer: str) -> dict:
+    """What auth signs: the other side's challenge and both names (PROTOCOL.md 8.1)."""
+    return {"kind": "auth", "nonce": nonce, "domain": signer, "peer": peer}
+
+
+def make_auth(identity: Identity, peer_nonce: str, peer_domain: str, rng: Rng = os.urandom) -> dict:
+    signed = identity.sign(auth_statement(peer_nonce, identity.domain, peer_domain), rng)
+    return {"type": "auth", "sig": signed["sig"]}
+
+
+def verify_auth(frame: dict, record: dict, own_nonce: str, own_domain: str) -> None:
+    """Check the peer signed our challenge with the key of the record it presented."""
+    statement = {**auth_statement(own_nonce, record["domain"], own_domain), "sig": frame["sig"]}
+    verify_signed(statement, parse_public_key(record["key"]), "auth")
+
+
+# -- Frames -------------------------------------------------------------------
+# PROTOCOL.md section 8.  The fields each frame type must carry, and which
+# types a connection accepts in each state of its handshake.
+
+FRAMES: dict[str, dict[str, Callable]] = {
+    "hello":      {"v": is_int, "record": is_dict, "nonce": is_str,
+                   "agent": is_short_text(MAX_AGENT)},
+    "auth":       {"sig": is_str},
+    "mail":       {"hops": is_hops(MAX_HOPS), "mail": is_dict},
+    "ack":        {"hops": is_hops(MAX_HOPS), "ack": is_dict},
+    "nis_query":  {"qid": is_hex_id, "domain": check_domain, "hops": is_hops(NIS_HOPS)},
+    "nis_answer": {"qid": is_hex_id, "record": is_dict},
+    "getpeers":   {},
+    "peers":      {"records": is_list},
+    "ping":       {},
+    "pong":       {},
+    "error":      {"code": is_short_text(64), "message": is_short_text(1024)},
+}
+
+CONNECTION_STATES: dict[str, tuple[str, ...]] = {
+    # state     frame types accepted (anything else is "not_ready")
+    "hello":    ("hello", "error"),             # waiting for the peer's hello
+    "auth":     ("auth", "error"),              # hello checked, our auth sent
+    "open":     ("mail", "ack", "nis_query", "nis_answer", "getpeers", "peers",
+                 "ping", "pong", "error"),
+}
+
+
+def verify_frame(frame: dict) -> dict:
+    """Check a decoded frame's fields against FRAMES (types and ranges only)."""
+    table = FRAMES.get(frame["type"])
+    if table is None:
+        raise RemoteError("unknown_type", f"unknown frame type {frame['type'][:40]!r}")
+    return check_fields(frame, table, frame["type"])
+
+
+def make_error(code: str, message: str, ref: str | None = None) -> dict:
+    """An error frame.  Without `ref` it precedes a disconnect; with `ref` (a mail
+    or ack id) it refuses one object and the connection stays open."""
+    frame = {"type": "error", "code": code, "message": message[:1024]}
+    if ref is not None:
+        frame["ref"] = ref
+    return frame
+
+
+def mail_key(sender_domain: str, mail_id: str) -> str:
+    """How a mail is recognised everywhere: its sending node and its id (7.1)."""
+    return f"mail/{sender_domain}/{mail_id}"
+
+
+def ack_key(sender_domain: str, mail_id: str, recipient_domain: str) -> str:
+    """An ack is one recipient's answer to one mail (7.1)."""
+    return f"ack/{sender_domain}/{mail_id}/{recipient_domain}"
+
+
+def object_key(kind: str, obj: dict) -> str:
+    if kind == "mail":
+        return mail_key(parse_address(obj["from"]).domain, obj["id"])
+    return ack_key(parse_address(obj["to"]).domain, obj["id"], parse_address(obj["from"]).domain)
+
+
+# =============================================================================
+# Reputation
+# =============================================================================
+# PROTOCOL.md section 9.  Every peer has a score in [-100, 100], kept per IP
+# address until the handshake names the peer, per domain after.  What the
+# peer sends moves the score by the table below; time moves it back toward 0
+# by one point a minute.  At -100 the peer is told "banned", disconnected, and
+# its domain and address are refused for a time that doubles with each ban.
+
+REPUTATION_EVENTS: dict[str, tuple[int, bool]] = {
+    # event              change  disconnect   (why)
+    "not_json":          (-20,   False),      # random bytes, a broken encoder
+    "oversize_line":     (-50,   True),       # the stream cannot be resynchronised
+    "malformed":         (-10,   False),      # a field missing or of the wrong type
+    "unknown_type":      (-2,    False),      # maybe a newer peer; cheap to ignore
+    "too_large":         (-10,   False),      # a field over its limit
+    "bad_key":           (-25,   False),
+    "bad_domain":        (-25,   False),      # a key that is not the sender's
+    "bad_address":       (-10,   False),
+    "bad_signature":     (-25,   False),      # forged or tampered
+    "forged_record":     (-50,   False),      # a NIS record that does not verify
+    "expired":           (-1,    False),      # honest peers relay mail near its end
+    "future":            (-5,    False),
+    "bad_ttl":           (-10,   False),
+    "bad_hops":          (-10,   False),
+    "not_ready":         (-50,   True),       # a frame before the handshake
+    "rate_exceeded":     (-2,    False),      # the frame is dropped, too
+    "duplicate":         (-5,    False),      # the same object twice on one connection
+    "handshake_failed":  (-25,   True),       # a hello or auth that does not verify
+    # rewards: what honest peers do
+    "mail_relayed":      (+1,    False),      # a valid mail we had not seen
+    "ack_relayed":       (+1,    False),      # a valid ack we had not seen
+    "nis_answer":        (+2,    False),      # a valid record we asked for
+}
+SCORE_MIN, SCORE_MAX = -100, 100
+DECAY_SECONDS = 60              # one point back toward 0 per minute
+BAN_SECONDS = 3600              # the first ban lasts an hour ...
+BAN_MAX_SECONDS = 7 * 86_400    # ... each further one twice as long, up to a week
+REPUTATION_FLUSH = 30           # seconds between saves of changed scores
+
+
+class Reputation:
+    """Scores and bans by subject ("domain:node-..." or "ip:1.2.3.4").
+
+    Kept in memory and saved to `store` every REPUTATION_FLUSH seconds (and at
+    once on a ban): a score lost in a crash is worth less than a disk write per
+    relayed mail.
+    """
+
+    def __init__(self, store: MutableMapping):
+        self.store = store
+        self.entries: dict[str, dict] = {key: dict(value) for key, value in store.items()}
+        self.dirty: set[str] = set()
+
+    def _entry(self, subject: str, now: int) -> dict:
+        entry = self.entries.setdefault(subject, {"score": 0, "at": now, "bans": 0, "until": 0})
+        steps = (now - entry["at"]) // DECAY_SECONDS
+        if steps > 0:
+            score = entry["score"]
+            entry["score"] = max(0, score - steps) if score > 0 else min(0, score + steps)
+            entry["at"] += steps * DECAY_SECONDS
+        return entry
+
+    def score(self, subject: str, now: int) -> int:
+        return self._entry(subject, now)["score"] if subject in self.entries else 0
+
+    def change(self, subject: str, delta: int, now: int) -> int:
+        entry = self._entry(subject, now)
+        entry["score"] = max(SCORE_MIN, min(SCORE_MAX, entry["score"] + delta))
+        self.dirty.add(subject)
+        return entry["score"]
+
+    def ban(self, subject: str, now: int) -> int:
+        """Ban `subject`; returns when the ban ends."""
+        entry = self._entry(subject, now)
+        length = min(BAN_SECONDS * 2 ** min(entry["bans"], 16), BAN_MAX_SECONDS)
+        entry.update(score=SCORE_MIN, at=now, bans=entry["bans"] + 1, until=now + length)
+        self.dirty.add(subject)
+        self.flush(now)
+        return entry["until"]
+
+    def banned(self, subject: str, now: int) -> bool:
+        entry = self.entries.get(subject)
+        return entry is not None and entry["until"] > now
+
+    def bans(self, now: int) -> list[tuple[str, dict]]:
+        return sorted((s, e) for s, e in self.entries.items() if e["until"] > now)
+
+    def flush(self, now: int) -> None:
+        for subject in self.dirty:
+            entry = self._entry(subject, now)
+            if entry["score"] == 0 and entry["bans"] == 0:
+                self.entries.pop(subject, None)
+                self.store.pop(subject, None)
+            else:
+                self.store[subject] = entry
+        self.dirty.clear()
+
+
+# =============================================================================
+# Routing core
+# =============================================================================
+# The whole behaviour of a node, without sockets, threads or clocks (the h11
+# idea).  The network shell feeds a Node what happened -- a connection made,
+# a line received, a connection lost, a dial that failed, time passing, a
+# user's request -- and carries out the actions it returns: Send a frame,
+# Close a connection, Dial a host, and Events for logs and waiting users.
+# Stores are MutableMappings: dicts in tests, durable shelves in a node.
+
+# -- Timing and resource bounds (PROTOCOL.md sections 8 and 9) --
+HANDSHAKE_TIMEOUT = 10          # seconds from connect to both auths verified
+PING_INTERVAL = 60              # a quiet open connection is pinged ...
+IDLE_TIMEOUT = 180              # ... and closed when silent this long
+RATE_PER_SECOND = 500           # frames a peer may send per second, sustained ...
+RATE_BURST = 1000               # ... after a burst of this many
+SEND_RATE = 400                 # frames/s we send on one connection (below a peer's limit)
+RECENT_PER_CONNECTION = 4096    # object keys remembered per connection (duplicate check)
+RETRY_FIRST = 10                # seconds before an undelivered object is offered again,
+RETRY_MAX = 300                 # doubling each time up to five minutes
+DIAL_RETRY_FIRST = 5            # seconds before a failed peer is dialled again,
+DIAL_RETRY_MAX = 600            # doubling up to ten minutes
+MAX_QUERIES = 1024              # NIS queries in flight (ours and forwarded)
+SEEN_QUERIES = 8192             # NIS query ids remembered to drop duplicates
+SWEEP_SECONDS = 60              # how often expired objects are purged
+MAINTAIN_SECONDS = 5            # how often outbound connections are topped up
+
+
+@dataclasses.dataclass(frozen=True)
+class Send:
+    conn: int
+    frame: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Close:
+    conn: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Dial:
+    host: str
+    port: int
+    domain: str | None          # the node we expect there, if we know it
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    name: str                   # see Node.__doc__ for the list
+    data: dict
+
+
+Action = Send | Close | Dial | Event
+
+
+@dataclasses.dataclass
+class Config:
+    """What a node operator can set (the CLI maps its options onto this)."""
+
+    host: str | None = None             # host in our NIS record; None: reachable only via relays
+    port: int = 0                       # port in our NIS record
+    bootstrap: tuple[tuple[str, int], ...] = ()   # --peer HOST:PORT
+    target_outbound: int = 8
+    max_outbound: int = 32              # including direct dials to recipients
+    max_inbound: int = 64
+    max_inbound_per_ip: int = 16
+    rate: float = RATE_PER_SECOND
+    burst: int = RATE_BURST
+    relay_max_items: int = 20_000       # relay store quota, in total ...
+    relay_max_bytes: int = 512 << 20
+    origin_max_items: int = 2_000       # ... and per origin domain
+    origin_max_bytes: int = 64 << 20
+    seen_max: int = 100_000             # keys remembered for duplicate suppression
+    retry_first: int = RETRY_FIRST
+    retry_max: int = RETRY_MAX
+
+
+class Peer:
+    """One connection's protocol state (PROTOCOL.md 8.1)."""
+
+    def __init__(self, conn: int, ip: str, address: tuple[str, int] | None,
+                 expect: str | None, nonce: str, burst: int, now: float):
+        self.conn = conn
+        self.ip = ip
+        self.address = address          # (host, port) we dialled; None if they dialled us
+        self.outbound = address is not None
+        self.expect = expect            # the domain we dialled, if we knew it
+        self.nonce = nonce              # our challenge, base64
+        self.state = "hello"
+        self.record: dict | None = None
+        self.domain: str | None = None
+        self.opened = now
+        self.last_rx = now
+        self.pinged = now
+        self.tokens = float(burst)
+        self.tokens_at = now
+        self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    @property
+    def subject(self) -> str:
+        """Who is scored: the domain once known, the IP address before."""
+        return f"domain:{self.domain}" if self.domain else f"ip:{self.ip}"
+
+    @property
+    def target(self) -> str | None:
+        """The key of the dial that made this connection (see Node.dialing)."""
+        if self.address is None:
+            return None
+        return self.expect or f"{self.address[0]}:{self.address[1]}"
+
+    def __repr__(self) -> str:
+        return f"<Peer #{self.conn} {self.domain or self.ip} {self.state}>"
+
+
+@dataclasses.dataclass
+class Item:
+    """Something this node is trying to deliver: the routing view of an outbox
+    mail, a stored relay object or one of our own acks.  The signed object
+    itself stays in its store; this is the small index kept in memory."""
+
+    key: str                    # mail_key / ack_key
+    kind: str                   # "mail" | "ack"
+    store: str                  # "outbox" (key: the mail id) or "relay" (key: self.key)
+    ref: str                    # the key in that store
+    target: str                 # the domain it is for
+    origin: str                 # the domain that signed it
+    expires: int
+    size: int
+    hops: int                   # what the next copy carries
+    own: bool                   # we made it: we may dial its target directly
+    next_try: float
+    tries: int = 0
+    handed: bool = False        # written to a connection of `target` itself
+    offered: set = dataclasses.field(default_factory=set)   # conns that have it
+
+
+@dataclasses.dataclass
+class Query:
+    """A NIS query in flight: ours (origin None) or one we forward."""
+
+    qid: str
+    domain: str
+    origin: int | None
+    deadline: float
+    asked: set = dataclasses.field(default_factory=set)
+    answered: bool = False
+
+
+def backoff(tries: int, first: float, cap: float) -> float:
+    return min(cap, first * 2 ** min(tries, 20))
+
+
+class Node:
+    """A Secral node's protocol engine (PROTOCOL.md sections 7-9).
+
+    Inputs (each takes `now`, Unix seconds as a float, and returns a list of
+    actions): connection_made, line_received, line_too_long, connection_lost,
+    dial_failed, tick, submit, lookup.
+
+    Events: peer_open, peer_closed, mail_received, mail_status (an outbox
+    status changed), nis_result, banned, refused (a peer refused an object).
+    """
+
+    def __init__(self, identity: Identity, stores: "Stores", config: Config | None = None,
+                 now: float | None = None, rng: Rng = os.urandom):
+        now = time.time() if now is None else now
+        self.identity = identity
+        self.domain = identity.domain
+        self.stores = stores
+        self.config = config or Config()
+        self.rng = rng
+        self.peers: dict[int, Peer] = {}        # every connection, by the shell's handle
+        self.open: dict[str, Peer] = {}         # connections past the handshake, by domain
+        self.reputation = Reputation(stores.reputation)
+        self.items: dict[str, Item] = {}        # what we are delivering, by key
+        self.items_for: dict[str, set[str]] = collections.defaultdict(set)  # target -> keys
+        self.relay_usage: collections.Counter = collections.Counter()   # quota counters
+        self.seen: dict[str, int] = dict(stores.seen.items())   # key -> expires
+        self.queries: dict[str, Query] = {}
+        self.seen_queries: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.dialing: dict[str, float] = {}     # dial target -> since
+        self.dial_backoff: dict[str, tuple[int, float]] = {}   # target -> (failures, next)
+        self.waiting_key: dict[str, set[str]] = collections.defaultdict(set)  # domain -> outbox ids
+        self.next_sweep = now
+        self.next_maintain = now
+        self.next_flush = now + REPUTATION_FLUSH
+        self._actions: list[Action] = []
+        if DEFAULT_USER.lower() not in stores.users:
+            stores.users[DEFAULT_USER.lower()] = {"name": DEFAULT_USER, "created": int(now)}
+        self._load_items(now)
+        self.refresh_record(now)
+
+    # -- small helpers ------------------------------------------------------
+
+    def _take(self) -> list[Action]:
+        actions, self._actions = self._actions, []
+        return actions
+
+    def _send(self, peer: Peer, frame: dict) -> None:
+        self._actions.append(Send(peer.conn, frame))
+
+    def _event(self, name: str, **data: Any) -> None:
+        self._actions.append(Event(name, data))
+
+    def _close(self, peer: Peer, code: str, message: str, now: float) -> None:
+        """Say why, then hang up (an error frame without ref precedes a close)."""
+        if peer.state == "closed":
+            return
+        self._send(peer, make_error(code, message))
+        self._actions.append(Close(peer.conn, code))
+        self._drop_peer(peer, code, now)
+
+    def score(self, domain: str, now: float) -> int:
+        return self.reputation.score(f"domain:{domain}", int(now))
+
+    def open_peers(self, now: float, exclude: Peer | None = None) -> list[Peer]:
+        """Open peers, higher reputation first (DESIGN 7: prefer better peers)."""
+        peers = [p for p in self.open.values() if p is not exclude]
+        peers.sort(key=lambda p: (-self.score(p.domain, now), p.conn))
+        return peers
+
+    # -- our NIS record -------------------------------------------------------
+
+    @property
+    def record(self) -> dict:
+        return self.stores.nis[self.domain]
+
+    def refresh_record(self, now: float) -> bool:
+        """Re-sign our record when its host/port changed or it nears expiry (5.4)."""
+        old = self.stores.nis.get(self.domain)
+        host, port = self.config.host, self.config.port if self.config.host else 0
+        if (old is not None and old["host"] == host and old["port"] == port
+                and old["expires"] - now > RECORD_REFRESH):
+            return False
+        seq = max(int(now), old["seq"] + 1 if old else 0)
+        record = make_record(self.identity, host, port, seq, int(now) + RECORD_LIFETIME, self.rng)
+        self.stores.nis[self.domain] = record
+        for peer in self.open.values():
+            self._send(peer, {"type": "peers", "records": [record]})
+        return True
+
+    def known_record(self, domain: str, now: float) -> dict | None:
+        record = self.stores.nis.get(domain)
+        if record is None or record["expires"] <= now:
+            return None
+        return record
+
+    def learn_record(self, record: dict, now: float) -> bool:
+        """Keep a verified record if it is newer than ours for that domain."""
+        domain = record["domain"]
+        if domain == self.domain or not record_supersedes(record, self.stores.nis.get(domain)):
+            return False
+        self.stores.nis[domain] = record
+        if record["host"] is not None:
+            known = self.stores.peers.get(domain, {"fails": 0, "next": 0, "seen": 0})
+            known.update(host=record["host"], port=record["port"])
+            self.stores.peers[domain] = known
+        for outbox_id in self.waiting_key.pop(domain, ()):
+            self._seal_waiting(outbox_id, now)
+        return True
+
+    # -- connections ----------------------------------------------------------
+
+    def connection_made(self, conn: int, ip: str, now: float,
+                        dialled: Dial | None = None) -> list[Action]:
+        """A TCP connection is up (8.1): send hello, or refuse a banned or excess peer.
+        `dialled` is the Dial action that made it, None for an inbound connection."""
+        nonce = self.rng(HELLO_NONCE)
+        address = (dialled.host, dialled.port) if dialled else None
+        peer = Peer(conn, ip, address, dialled.domain if dialled else None, b64e(nonce),
+                    self.config.burst, now)
+        self.peers[conn] = peer
+        if dialled is not None:
+            self.dialing.pop(peer.target, None)
+        if self.reputation.banned(f"ip:{ip}", int(now)):
+            self._close(peer, "banned", "this address is banned", now)
+            return self._take()
+        if dialled is None:
+            inbound = [p for p in self.peers.values() if not p.outbound and p is not peer]
+            if sum(p.ip == ip for p in inbound) >= self.config.max_inbound_per_ip:
+                self._close(peer, "busy", "too many connections from this address", now)
+                return self._take()
+            if len(inbound) >= self.config.max_inbound:
+                self._evict_inbound(peer, inbound, now)
+                if peer.state == "closed":
+                    return self._take()
+        self._send(peer, make_hello(self.record, nonce))
+        return self._take()
+
+    def _evict_inbound(self, newcomer: Peer, inbound: list[Peer], now: float) -> None:
+        """Make room: the oldest unfinished handshake goes first, then the worst
+        peer with a negative score; failing both, the newcomer is refused."""
+        pending = [p for p in inbound if p.state != "open"]
+        if pending:
+            self._close(min(pending, key=lambda p: p.opened), "busy", "evicted to make room", now)
+            return
+        worst = min(inbound, key=lambda p: self.score(p.domain, now))
+        if self.score(worst.domain, now) < 0:
+            self._close(worst, "busy", "evicted to make room for a better peer", now)
+        else:
+            self._close(newcomer, "busy", "too many connections", now)
+
+    def connection_lost(self, conn: int, now: float) -> list[Action]:
+        peer = self.peers.get(conn)
+        if peer is not None:
+            self._drop_peer(peer, "closed", now)
+        return self._take()
+
+    def _drop_peer(self, peer: Peer, reason: str, now: float) -> None:
+        if peer.state == "closed":
+            return
+        was_open = peer.state == "open"
+        peer.state = "closed"
+        self.peers.pop(peer.conn, None)
+        if was_open and self.open.get(peer.domain) is peer:
+            del self.open[peer.domain]
+            self._event("peer_closed", domain=peer.domain, conn=peer.conn, reason=reason)
+        elif not was_open and peer.outbound:
+            self._dial_failed(peer.target, now)
+        for item in self.items.values():
+            item.offered.discard(peer.conn)
+        for query in self.queries.values():
+            query.asked.discard(peer.conn)
+
+    def line_too_long(self, conn: int, now: float) -> list[Action]:
+        """The shell read MAX_LINE bytes without a newline (3.1)."""
+        peer = self.peers.get(conn)
+        if peer is not None:
+            self._misbehaved(peer, "oversize_line", f"a line longer than {MAX_LINE} bytes", now)
+            self._close(peer, "too_large", f"a line longer than {MAX_LINE} bytes", now)
+        return self._take()
+
+    def line_received(self, conn: int, line: bytes, now: float) -> list[Action]:
+        """One line from a peer: rate-limit, decode, check, dispatch (8.2)."""
+        peer = self.peers.get(conn)
+        if peer is None or peer.state == "closed":
+            return []
+        peer.last_rx = now
+        if not self._take_token(peer, now):
+            self._misbehaved(peer, "rate_exceeded", "frames faster than the rate limit", now)
+            return self._take()
+        try:
+            frame = verify_frame(decode_frame(line))
+            if frame["type"] not in CONNECTION_STATES[peer.state]:
+                raise RemoteError("not_ready", f"{frame['type']} before the handshake is complete")
+            getattr(self, f"handle_{frame['type']}")(peer, frame, now)
+        except RemoteError as exc:
+            if peer.state in ("hello", "auth") and exc.code not in ("not_ready", "not_json"):
+                self._misbehaved(peer, "handshake_failed", exc.message, now)
+                if peer.state != "closed":
+                    self._close(peer, exc.code, exc.message, now)
+            else:
+                self._misbehaved(peer, exc.code, exc.message, now)
+        return self._take()
+
+    def _take_token(self, peer: Peer, now: float) -> bool:
+        """Token bucket (9.3): `rate` frames per second after a `burst`."""
+        peer.tokens = min(self.config.burst, peer.tokens + (now - peer.tokens_at) * self.config.rate)
+        peer.tokens_at = now
+        if peer.tokens < 1:
+            return False
+        peer.tokens -= 1
+        return True
+
+    def _misbehaved(self, peer: Peer, event: str, message: str, now: float) -> None:
+        """Score a misbehaviour (9.1) and disconnect where the table says so."""
+        change, disconnect = REPUTATION_EVENTS.get(event, (0, True))
+        score = self.reputation.change(peer.subject, change, int(now)) if change else 0
+        log.info("peer %s: %s (%s) -> score %d", peer.domain or peer.ip, event, message, score)
+        if score <= SCORE_MIN:
+            self._ban(peer, now)
+        elif disconnect and peer.state != "closed":
+            self._close(peer, event if event in ERROR_CODES else "malformed", message, now)
+
+    def _reward(self, peer: Peer, event: str, now: float) -> None:
+        self.reputation.change(peer.subject, REPUTATION_EVENTS[event][0], int(now))
+
+    def _ban(self, peer: Peer, now: float) -> None:
+        until = self.reputation.ban(peer.subject, int(now))
+        if peer.domain:
+            self.reputation.ban(f"ip:{peer.ip}", int(now))
+        self._event("banned", domain=peer.domain, ip=peer.ip, until=until)
+        self._close(peer, "banned", f"reputation reached {SCORE_MIN}; banned until {until}", now)
+
+    # -- handshake (PROTOCOL.md 8.1) ------------------------------------------
+
+    def handle_hello(self, peer: Peer, frame: dict, now: float) -> None:
+        if frame["v"] != PROTOCOL_VERSION:
+            self._close(peer, "version", f"this node speaks v{PROTOCOL_VERSION}", now)
+            return
+        b64d(frame["nonce"], "hello.nonce", HELLO_NONCE)
+        record = verify_record(frame["record"], int(now), "hello.record")
+        domain = record["domain"]
+        if domain == self.domain:
+            self._close(peer, "self_connection", "this is my own address", now)
+            return
+        if peer.expect is not None and domain != peer.expect:
+            self._close(peer, "wrong_peer", f"dialled {peer.expect}, found {domain}", now)
+            return
+        if self.reputation.banned(f"domain:{domain}", int(now)):
+            self._close(peer, "banned", f"{domain} is banned", now)
+            return
+        peer.record, peer.domain, peer.state = record, domain, "auth"
+        self._send(peer, make_auth(self.identity, frame["nonce"], domain, self.rng))
+
+    def handle_auth(self, peer: Peer, frame: dict, now: float) -> None:
+        verify_auth(frame, peer.record, peer.nonce, self.domain)
+        existing = self.open.get(peer.domain)
+        if existing is not None:
+            # Both dialled at once: keep the connection dialled by the smaller
+            # domain; if one side dialled both, the newer one (8.1).
+            keep_new = (self._dialler(peer) < self._dialler(existing)
+                        or self._dialler(peer) == self._dialler(existing))
+            loser = existing if keep_new else peer
+            if loser is peer:
+                self._close(peer, "duplicate_connection", "already connected", now)
+                return
+            self._close(existing, "duplicate_connection", "replaced by a newer connection", now)
+        peer.state = "open"
+        self.open[peer.domain] = peer
+        self.learn_record(peer.record, now)
+        if peer.outbound:                       # an address that works: remember it (5.5)
+            self.dial_backoff.pop(peer.target, None)
+            host, port = peer.address
+            self.stores.peers[peer.domain] = {"host": host, "port": port, "fails": 0,
+                                              "next": 0, "seen": int(now)}
+        self._event("peer_open", domain=peer.domain, conn=peer.conn, ip=peer.ip,
+                    outbound=peer.outbound)
+        self._send(peer, {"type": "getpeers"})
+        self._flush_to(peer, now)
+
+    def _dialler(self, peer: Peer) -> str:
+        return self.domain if peer.outbound else peer.domain
+
+    # -- keepalive and errors -------------------------------------------------
+
+    def handle_ping(self, peer: Peer, frame: dict, now: float) -> None:
+        self._send(peer, {"type": "pong"})
+
+    def handle_pong(self, peer: Peer, frame: dict, now: float) -> None:
+        pass                                    # last_rx was updated on receipt
+
+    def handle_error(self, peer: Peer, frame: dict, now: float) -> None:
+        """A peer explains a refusal.  With ref it refused one object: forget
+        that it has it, so a later retry offers it again (9.4)."""
+        ref = frame.get("ref")
+        log.info("peer %s says %s: %s", peer.domain or peer.ip, frame["code"], frame["message"])
+        if isinstance(ref, str):
+            for item in self.items.values():
+                if item.key.split("/")[2] == ref:
+                    item.offered.discard(peer.conn)
+            self._event("refused", domain=peer.domain, code=frame["code"], ref=ref)
+
+    # -- mail and acks (PROTOCOL.md 7) ------------------------------------------
+
+    def handle_mail(self, peer: Peer, frame: dict, now: float) -> None:
+        mail = verify_mail(frame["mail"], int(now), "mail.mail")
+        sender = parse_address(mail["from"]).domain
+        recipient = parse_address(mail["to"]).domain
+        key = mail_key(sender, mail["id"])
+        if self._repeated(peer, key, now):
+            return
+        if sender == self.domain:               # our own mail, back from a flood
+            self._mark_has(key, peer)
+            return
+        if recipient == self.domain:
+            self._deliver_local(mail, key, peer, now)
+            return
+        acked = self.items.get(ack_key(sender, mail["id"], recipient))
+        if acked is not None:                   # already answered: tell the asker
+            self._offer(acked, peer, now)
+            return
+        if key in self.seen:
+            self._mark_has(key, peer)
+            return
+        self._reward(peer, "mail_relayed", now)
+        self._accept(peer, "mail", key, mail, sender, recipient, mail["expires"],
+                     frame["hops"], now)
+
+    def handle_ack(self, peer: Peer, frame: dict, now: float) -> None:
+        ack = verify_ack(frame["ack"], int(now), "ack.ack")
+        recipient = parse_address(ack["from"]).domain
+        sender = parse_address(ack["to"]).domain
+        key = ack_key(sender, ack["id"], recipient)
+        if self._repeated(peer, key, now):
+            return
+        if key in self.seen:
+            self._mark_has(key, peer)
+            return
+        self._reward(peer, "ack_relayed", now)
+        expires = int(ack["created"]) + ack_lifetime()
+        self._remember(key, expires)
+        if sender == self.domain:
+            self._ack_arrived(ack, recipient)
+            return
+        stored_mail = self.items.get(mail_key(sender, ack["id"]))
+        if stored_mail is not None and stored_mail.target == recipient:
+            expires = min(expires, stored_mail.expires)
+            self._forget(stored_mail)           # the recipient has it: drop our copy (7.5)
+        self._accept(peer, "ack", key, ack, recipient, sender, expires, frame["hops"], now,
+                     remembered=True)
+
+    def _repeated(self, peer: Peer, key: str, now: float) -> bool:
+        """Per-connection duplicate check: honest peers send an object once per
+        connection, so a repeat is flooding (9.1)."""
+        if key in peer.recent:
+            self._misbehaved(peer, "duplicate", f"{key} twice on one connection", now)
+            return True
+        peer.recent[key] = None
+        if len(peer.recent) > RECENT_PER_CONNECTION:
+            peer.recent.popitem(last=False)
+        return False
+
+    def _mark_has(self, key: str, peer: Peer) -> None:
+        item = self.items.get(key)
+        if item is not None:
+            item.offered.add(peer.conn)
+
+    def _remember(self, key: str, expires: int) -> None:
+        """Add to the seen-set (bounded: the soonest-expiring keys go first)."""
+        self.seen[key] = expires
+        self.stores.seen[key] = expires
+        if len(self.seen) > self.config.seen_max:
+            for old in heapq.nsmallest(len(self.seen) // 10, self.seen, key=self.seen.get):
+                self.seen.pop(old, None)
+                self.stores.seen.pop(old, None)
+
+    def _accept(self, peer: Peer, kind: str, key: str, obj: dict, origin: str, target: str,
+                expires: int, hops: int, now: float, remembered: bool = False) -> None:
+        """Take a new object from `peer` for relaying: store, then route (7.2)."""
+        if not remembered:
+            self._remember(key, expires)
+        if hops == 0:
+            return                              # no relay steps left: only its target may use it
+        size = len(canonical_json(obj))
+        refusal = self._over_quota(origin, size)
+        if refusal and kind == "mail":
+            self.seen.pop(key, None)            # not accepted: a retry may be
+            self.stores.seen.pop(key, None)
+            peer.recent.pop(key, None)
+            self._send(peer, make_error("quota_exceeded", refusal, ref=obj["id"]))
+            return
+        self.stores.relay[key] = {"kind": kind, "obj": obj, "hops": hops - 1,
+                                  "received": int(now), "expires": expires}
+        item = Item(key, kind, "relay", key, target, origin, expires, size, hops - 1,
+                    own=False, next_try=now + self.config.retry_first)
+        item.offered.add(peer.conn)
+        self._add_item(item)
+        self._route(item, now)
+
+    def _over_quota(self, origin: str, size: int) -> str | None:
+        """Relay store quotas (PROTOCOL.md 7.6); acks always fit, they free space."""
+        c, used = self.config, self.relay_usage
+        if used["items"] >= c.relay_max_items or used["bytes"] + size > c.relay_max_bytes:
+            return "the relay store is full"
+        if (used[f"items {origin}"] >= c.origin_max_items
+                or used[f"bytes {origin}"] + size > c.origin_max_bytes):
+            return f"the relay store is full for mail from {origin}"
+        return None
+
+    def _deliver_local(self, mail: dict, key: str, peer: Peer | None, now: float) -> dict:
+        """Store first, ack after (7.4): an ack means nothing can lose it now.
+        A duplicate is answered with the ack we made the first time."""
+        sender = parse_address(mail["from"]).domain
+        answered = self.items.get(ack_key(sender, mail["id"], self.domain))
+        if answered is not None:
+            if peer is not None:
+                self._offer(answered, peer, now)
+            self._route(answered, now)
+            return self._object(answered)
+        entry = self.stores.inbox.get(key)
+        if entry is None:
+            if peer is not None:
+                self._reward(peer, "mail_relayed", now)
+            status, reason, plain = "delivered", "", None
+            try:
+                plain = open_mail(self.identity, mail)
+                user = parse_address(mail["to"])
+                if user.is_core or user.user.lower() not in self.stores.users:
+                    status, reason = "rejected", "no_such_user"
+            except RemoteError as exc:
+                status, reason = "rejected", exc.code
+            ack = make_ack(self.identity, mail, status, reason, int(now), self.rng)
+            entry = {"ack": ack}
+            if status == "delivered":
+                user = parse_address(mail["to"]).user.lower()
+                entry.update(user=user, id=mail["id"], created=mail["created"],
+                             received=int(now), unread=True, **plain)
+                self.stores.inbox[key] = entry
+                self._event("mail_received", key=key, user=user, sender=mail["from"],
+                            subject=plain["subject"])
+            else:
+                log.info("rejected mail %s from %s: %s", mail["id"], mail["from"], reason)
+        if sender != self.domain:
+            self._send_own_ack(entry["ack"], now, peer)
+        return entry["ack"]
+
+    def _send_own_ack(self, ack: dict, now: float, peer: Peer | None) -> None:
+        sender = parse_address(ack["to"]).domain
+        key = ack_key(sender, ack["id"], self.domain)
+        item = self.items.get(key)
+        if item is None:
+            self._remember(key, ack["created"] + ack_lifetime())
+            self.stores.relay[key] = {"kind": "ack", "obj": ack, "hops": MAX_HOPS,
+                                      "received": int(now), "expires": ack["created"] + ack_lifetime()}
+            item = Item(key, "ack", "relay", key, sender, self.domain, ack["created"] + ack_lifetime(),
+                        len(canonical_json(ack)), MAX_HOPS, own=True,
+                        next_try=now + self.config.retry_first)
+            self._add_item(item)
+        if peer is not None and peer.state == "open":
+            self._offer(item, peer, now)        # the peer that brought the mail waits for this
+        self._route(item, now)
+
+    def _ack_arrived(self, ack: dict, recipient: str) -> None:
+        """An ack for our own mail (7.5): the outbox entry reaches its end."""
+        entry = self.stores.outbox.get(ack["id"])
+        if entry is None or parse_address(entry["to"]).domain != recipient:
+            return
+        if entry["status"] in ("delivered", "rejected"):
+            return
+        entry.update(status=ack["status"], reason=ack["reason"], acked=ack["created"])
+        self.stores.outbox[ack["id"]] = entry
+        item = self.items.get(mail_key(self.domain, ack["id"]))
+        if item is not None:
+            self._forget(item)
+        self._event("mail_status", id=ack["id"], status=ack["status"], reason=ack["reason"])
+
+    # -- routing (PROTOCOL.md 7.2) ----------------------------------------------
+
+    def _add_item(self, item: Item) -> None:
+        self.items[item.key] = item
+        self.items_for[item.target].add(item.key)
+        if item.store == "relay":
+            self._count(item, +1)
+
+    def _forget(self, item: Item) -> None:
+        if self.items.pop(item.key, None) is None:
+            return
+        self.items_for[item.target].discard(item.key)
+        if not self.items_for[item.target]:
+            del self.items_for[item.target]
+        if item.store == "relay":
+            self._count(item, -1)
+            self.stores.relay.pop(item.ref, None)
+
+    def _count(self, item: Item, sign: int) -> None:
+        for name, amount in (("items", 1), ("bytes", item.size)):
+            self.relay_usage[name] += sign * amount
+            self.relay_usage[f"{name} {item.origin}"] += sign * amount
+            if not self.relay_usage[f"{name} {item.origin}"]:
+                del self.relay_usage[f"{name} {item.origin}"]
+
+    def _load_items(self, now: float) -> None:
+        """Rebuild the routing index from the durable stores after a start."""
+        for key, entry in self.stores.relay.items():
+            obj = entry["obj"]
+            if entry["kind"] == "mail":
+                origin, target = parse_address(obj["from"]).domain, parse_address(obj["to"]).domain
+            else:
+                origin, target = parse_address(obj["from"]).domain, parse_address(obj["to"]).domain
+            self._add_item(Item(key, entry["kind"], "relay", key, target, origin, entry["expires"],
+                                len(canonical_json(obj)), entry["hops"], own=origin == self.domain,
+                                next_try=now))
+        for mail_id, entry in self.stores.outbox.items():
+            if entry["status"] in ("queued", "sent"):
+                self._add_outbox_item(mail_id, entry, now)
+
+    def _add_outbox_item(self, mail_id: str, entry: dict, now: float) -> None:
+        target = parse_address(entry["to"]).domain
+        if entry.get("mail") is None:
+            self.waiting_key[target].add(mail_id)
+            return
+        self._add_item(Item(mail_key(self.domain, mail_id), "mail", "outbox", mail_id, target,
+                            self.domain, entry["expires"], len(canonical_json(entry["mail"])),
+                            MAX_HOPS, own=True, next_try=now))
+
+    def _object(self, item: Item) -> dict | None:
+        entry = getattr(self.stores, item.store).get(item.ref)
+        if entry is None:
+            return None
+        return entry["mail"] if item.store == "outbox" else entry["obj"]
+
+    def _offer(self, item: Item, peer: Peer, now: float) -> None:
+        """Write the object to one peer, once per connection (a peer that got it
+        on this connection has it: TCP delivered it or the connection died)."""
+        if peer.conn in item.offered:
+            return
+        obj = self._object(item)
+        if obj is None:
+            return
+        self._send(peer, {"type": item.kind, "hops": item.hops, item.kind: obj})
+        item.offered.add(peer.conn)
+        if peer.domain == item.target:
+            item.handed = True
+        if item.store == "outbox":
+            entry = self.stores.outbox[item.ref]
+            if entry["status"] == "queued":
+                entry.update(status="sent", sent=int(now))
+                self.stores.outbox[item.ref] = entry
+                self._event("mail_status", id=item.ref, status="sent", reason="")
+
+    def _route(self, item: Item, now: float) -> None:
+        """Where an object goes next (7.2): its target if connected; else, if we
+        made it and the target's record has a host, a direct dial; else every
+        other peer, better reputation first."""
+        peer = self.open.get(item.target)
+        if peer is not None:
+            self._offer(item, peer, now)
+            return
+        if item.own and self._dial_domain(item.target, now):
+            return                              # wait for the dial; its failure floods
+        for peer in self.open_peers(now):
+            self._offer(item, peer, now)
+
+    def _flush_to(self, peer: Peer, now: float) -> None:
+        """A peer completed the handshake: everything we hold for it goes now (7.6),
+        and our own queued mail goes to it too."""
+        for key in list(self.items_for.get(peer.domain, ())):
+            self._offer(self.items[key], peer, now)
+        for item in list(self.items.values()):
+            if (item.store == "outbox" and not item.offered and item.target not in self.open
+                    and item.target not in self.dialing):
+                self._offer(item, peer, now)
+
+    # -- direct connections and the peer set (PROTOCOL.md 5.5) -----------------
+
+    def _connecting(self, target: str) -> bool:
+        return target in self.dialing or any(p.target == target for p in self.peers.values())
+
+    def _dial_domain(self, domain: str, now: float) -> bool:
+        """Dial `domain` from its record if that is possible now.  True while a
+        dial is in flight; False if there is no host or it failed recently."""
+        if self._connecting(domain):
+            return True
+        failures, next_try = self.dial_backoff.get(domain, (0, 0))
+        if next_try > now:
+            return False
+        record = self.known_record(domain, now)
+        if record is None or record["host"] is None:
+            return False
+        if sum(p.outbound for p in self.peers.values()) + len(self.dialing) >= self.config.max_outbound:
+            return False
+        self.dialing[domain] = now
+        self._actions.append(Dial(record["host"], record["port"], domain))
+        return True
+
+    def dial_failed(self, target: str, now: float) -> list[Action]:
+        """The shell could not connect to a Dial's target (a domain or host:port)."""
+        self.dialing.pop(target, None)
+        self._dial_failed(target, now)
+        return self._take()
+
+    def _dial_failed(self, target: str | None, now: float) -> None:
+        if target is None or target in self.open:
+            return
+        self.dialing.pop(target, None)
+        failures, _ = self.dial_backoff.get(target, (0, 0))
+        self.dial_backoff[target] = (failures + 1,
+                                     now + backoff(failures, DIAL_RETRY_FIRST, DIAL_RETRY_MAX))
+        known = self.stores.peers.get(target)
+        if known is not None:
+            known.update(fails=known.get("fails", 0) + 1,
+                         next=int(now + backoff(known.get("fails", 0), DIAL_RETRY_FIRST, DIAL_RETRY_MAX)))
+            self.stores.peers[target] = known
+        for key in list(self.items_for.get(target, ())):
+            item = self.items[key]
+            for peer in self.open_peers(now):   # the fallback: relay it (7.2)
+                self._offer(item, peer, now)
+
+    # -- the user's side: sending and looking up ------------------------------
+
+    def submit(self, user: str, to: str, subject: str, body: str, now: float,
+               ttl: int = MAX_TTL) -> tuple[str, list[Action]]:
+        """Queue a mail from a local user (7.1 step 1).  Returns its id.
+
+        If the recipient's record (and so its key) is unknown, the mail waits
+        in the outbox, unsealed, while Core asks the network for the record.
+        """
+        sender = Address(check_user(user, "from"), self.domain)
+        if sender.is_core:
+            raise LocalError("refused", f"{CORE_USER} sends only acks and NIS queries")
+        if sender.user.lower() not in self.stores.users:
+            raise LocalError("not_found", f"no local user {sender.user!r}")
+        sender = Address(self.stores.users[sender.user.lower()]["name"], self.domain)
+        recipient = parse_address(to, "to")
+        check_subject(subject)
+        check_body(body)
+        if not 0 < ttl <= MAX_TTL:
+            raise LocalError("bad_ttl", f"the time to live must be 1..{MAX_TTL} seconds")
+        mail_id = self.rng(MAIL_ID).hex()
+        entry = {"id": mail_id, "from": str(sender), "to": str(recipient), "subject": subject,
+                 "body": body, "created": int(now), "expires": int(now) + ttl,
+                 "status": "queued", "reason": "", "mail": None}
+        self.stores.outbox[mail_id] = entry
+        self._event("mail_status", id=mail_id, status="queued", reason="")
+        if self.known_record(recipient.domain, now) is None and recipient.domain != self.domain:
+            self.waiting_key[recipient.domain].add(mail_id)
+            self._ask(recipient.domain, now)
+        else:
+            self._seal_waiting(mail_id, now)
+        return mail_id, self._take()
+
+    def _seal_waiting(self, mail_id: str, now: float) -> None:
+        entry = self.stores.outbox.get(mail_id)
+        if entry is None or entry["mail"] is not None or entry["status"] != "queued":
+            return
+        recipient = parse_address(entry["to"])
+        key = self.identity.public_b64 if recipient.domain == self.domain else \
+            self.known_record(recipient.domain, now)["key"]
+        ttl = entry["expires"] - entry["created"]
+        mail = seal_mail(self.identity, parse_address(entry["from"]), recipient, key,
+                         entry["subject"], entry["body"], entry["created"], ttl,
+                         _prefixed_rng(bytes.fromhex(mail_id), self.rng))
+        entry["mail"] = mail
+        self.stores.outbox[mail_id] = entry
+        if recipient.domain == self.domain:       # to ourselves: no network involved
+            ack = self._deliver_local(mail, mail_key(self.domain, mail_id), None, now)
+            self._ack_arrived(ack, self.domain)
+            return
+        self._add_outbox_item(mail_id, entry, now)
+        self._route(self.items[mail_key(self.domain, mail_id)], now)
+
+    def lookup(self, domain: str, now: float) -> tuple[dict | None, list[Action]]:
+        """A record from the NIS map, or None and a nis_query on its way (5.4)."""
+        check_domain(domain)
+        record = self.known_record(domain, now) if domain != self.domain else self.record
+        if record is None:
+            self._ask(domain, now)
+        return record, self._take()
+
+    def _ask(self, domain: str, now: float) -> None:
+        if any(q.domain == domain and q.origin is None for q in self.queries.values()):
+            return                              # already asking
+        qid = self.rng(16).hex()
+        query = Query(qid, domain, None, now + NIS_TIMEOUT)
+        self.queries[qid] = query
+        self._seen_query(qid)
+        for peer in self.open_peers(now):
+            self._send(peer, {"type": "nis_query", "qid": qid, "domain": domain, "hops": NIS_HOPS})
+            query.asked.add(peer.conn)
+
+    # -- NIS (PROTOCOL.md 5.4) ---------------------------------------------------
+
+    def _seen_query(self, qid: str) -> bool:
+        if qid in self.seen_queries:
+            return True
+        self.seen_queries[qid] = None
+        if len(self.seen_queries) > SEEN_QUERIES:
+            self.seen_queries.popitem(last=False)
+        return False
+
+    def handle_nis_query(self, peer: Peer, frame: dict, now: float) -> None:
+        """Answer from the map, or forward with one hop less and remember the way back."""
+        if self._seen_query(frame["qid"]):
+            return                              # flooding brings duplicates; not a fault
+        domain = frame["domain"]
+        record = self.record if domain == self.domain else self.known_record(domain, now)
+        if record is not None:
+            self._send(peer, {"type": "nis_answer", "qid": frame["qid"], "record": record})
+            return
+        if frame["hops"] == 0 or len(self.queries) >= MAX_QUERIES:
+            return
+        query = Query(frame["qid"], domain, peer.conn, now + NIS_TIMEOUT)
+        for other in self.open_peers(now, exclude=peer):
+            self._send(other, {**frame, "hops": frame["hops"] - 1})
+            query.asked.add(other.conn)
+        if query.asked:
+            self.queries[query.qid] = query
+
+    def handle_nis_answer(self, peer: Peer, frame: dict, now: float) -> None:
+        query = self.queries.get(frame["qid"])
+        if query is None or peer.conn not in query.asked:
+            return                              # late or unasked: cheap to drop, not a fault
+        query.asked.discard(peer.conn)          # one answer per peer asked
+        try:
+            record = verify_record(frame["record"], int(now), "nis_answer.record")
+        except RemoteError as exc:
+            self._misbehaved(peer, "forged_record", exc.message, now)
+            return
+        if record["domain"] != query.domain:
+            self._misbehaved(peer, "forged_record", "an answer for another domain", now)
+            return
+        self._reward(peer, "nis_answer", now)
+        self.learn_record(record, now)
+        if query.answered:
+            return
+        query.answered = True
+        if query.origin is None:
+            self._event("nis_result", domain=query.domain, record=record)
+        elif query.origin in self.peers and self.peers[query.origin].state == "open":
+            self._send(self.peers[query.origin], {"type": "nis_answer", "qid": query.qid,
+                                                  "record": record})
+
+    def handle_getpeers(self, peer: Peer, frame: dict, now: float) -> None:
+        """Peer exchange (5.5): records of reachable peers, ours first."""
+        records = [self.record] if self.record["host"] else []
+        others = [p.record for p in self.open.values()
+                  if p is not peer and p.record["host"] is not None]
+        random.Random(self.rng(8)).shuffle(others)
+        records += others[:MAX_PEER_RECORDS - len(records)]
+        self._send(peer, {"type": "peers", "records": records})
+
+    def handle_peers(self, peer: Peer, frame: dict, now: float) -> None:
+        """Records from a peer: an answer to getpeers or an announcement.  A record
+        newer than the one we had is passed on, so refreshes spread (5.3)."""
+        if len(frame["records"]) > MAX_PEER_RECORDS:
+            raise RemoteError("too_large", f"more than {MAX_PEER_RECORDS} records")
+        fresher = []
+        for record in frame["records"]:
+            try:
+                verify_record(record, int(now), "peers.record")
+            except RemoteError as exc:
+                self._misbehaved(peer, "forged_record", exc.message, now)
+                continue
+            known = record["domain"] in self.stores.nis
+            if self.learn_record(record, now) and known:
+                fresher.append(record)
+        if fresher:
+            for other in self.open_peers(now, exclude=peer):
+                self._send(other, {"type": "peers", "records": fresher})
+
+    # -- time passing -----------------------------------------------------------
+
+    def tick(self, now: float) -> list[Action]:
+        """Timeouts, keepalives, retries, expiry, and the outbound peer set."""
+        for peer in list(self.peers.values()):
+            if peer.state != "open" and now - peer.opened > HANDSHAKE_TIMEOUT:
+                self._close(peer, "timeout", f"no handshake within {HANDSHAKE_TIMEOUT} s", now)
+            elif peer.state == "open" and now - peer.last_rx > IDLE_TIMEOUT:
+                self._close(peer, "timeout", f"silent for {IDLE_TIMEOUT} s", now)
+            elif peer.state == "open" and now - max(peer.last_rx, peer.pinged) > PING_INTERVAL:
+                peer.pinged = now
+                self._send(peer, {"type": "ping"})
+        for qid, query in list(self.queries.items()):
+            if query.deadline <= now:
+                del self.queries[qid]
+                if query.origin is None and not query.answered:
+                    self._event("nis_result", domain=query.domain, record=None)
+        for item in list(self.items.values()):
+            if item.next_try <= now and item.key in self.items:
+                item.tries += 1
+                item.next_try = now + backoff(item.tries, self.config.retry_first, self.config.retry_max)
+                self._route(item, now)
+        if now >= self.next_sweep:
+            self.next_sweep = now + SWEEP_SECONDS
+            self.sweep(now)
+        if now >= self.next_maintain:
+            self.next_maintain = now + MAINTAIN_SECONDS
+            self.refresh_record(now)
+            self._maintain(now)
+        if now >= self.next_flush:
+            self.next_flush = now + REPUTATION_FLUSH
+            self.reputation.flush(int(now))
+        return self._take()
+
+    def sweep(self, now: float) -> None:
+        """Drop what has expired (7.7): relayed objects, seen keys, tombstones,
+        NIS records; our own undelivered mail becomes "expired"."""
+        for item in [i for i in self.items.values() if i.expires <= now]:
+            self._forget(item)
+            if item.store == "outbox":
+                self._set_status(item.ref, "expired", "not acknowledged before it expired")
+        for mail_id in [m for ids in self.waiting_key.values() for m in ids]:
+            entry = self.stores.outbox.get(mail_id)
+            if entry is not None and entry["expires"] <= now:
+                self.waiting_key[parse_address(entry["to"]).domain].discard(mail_id)
+                self._set_status(mail_id, "expired", "no NIS record for the recipient was found")
+            elif entry is not None:
+                self._ask(parse_address(entry["to"]).domain, now)
+        for key in [k for k, expires in self.seen.items() if expires <= now]:
+            del self.seen[key]
+            self.stores.seen.pop(key, None)
+        for domain in [d for d, r in self.stores.nis.items() if r["expires"] <= now and d != self.domain]:
+            del self.stores.nis[domain]
+
+    def _set_status(self, mail_id: str, status: str, reason: str) -> None:
+        entry = self.stores.outbox[mail_id]
+        entry.update(status=status, reason=reason)
+        self.stores.outbox[mail_id] = entry
+        self._event("mail_status", id=mail_id, status=status, reason=reason)
+
+    def _maintain(self, now: float) -> None:
+        """Keep `target_outbound` outbound connections (5.5): bootstrap peers
+        first, then known peers, most recently seen first."""
+        outbound = sum(p.outbound for p in self.peers.values()) + len(self.dialing)
+        known = sorted(self.stores.peers.items(), key=lambda kv: -kv[1].get("seen", 0))
+        candidates = [(k["host"], k["port"], domain) for domain, k in known]
+        addresses = {(host, port) for host, port, _ in candidates}
+        candidates[:0] = [(host, port, None) for host, port in self.config.bootstrap
+                          if (host, port) not in addresses]
+        connected = {(p.address or (None, None)) for p in self.peers.values()}
+        for host, port, domain in candidates:
+            if outbound >= self.config.target_outbound:
+                break
+            target = domain or f"{host}:{port}"
+            if (domain in self.open or domain == self.domain or self._connecting(target)
+                    or (host, port) in connected
+                    or self.dial_backoff.get(target, (0, 0))[1] > now
+                    or (domain and self.reputation.banned(f"domain:{domain}", int(now)))):
+                continue
+            self.dialing[target] = now
+            self._actions.append(Dial(host, port, domain))
+            outbound += 1
+
+    def close_all(self, now: float) -> list[Action]:
+        """The node is stopping: say so to every peer and save the scores."""
+        for peer in list(self.peers.values()):
+            self._close(peer, "shutdown", "the node is stopping", now)
+        self.reputation.flush(int(now))
+        return self._take()
+
+
+def _prefixed_rng(first: bytes, rng: Rng) -> Rng:
+    """An rng whose first draw is `first` (to seal a mail under an id chosen earlier)."""
+    pending = [first]
+
+    def draw(n: int) -> bytes:
+        if pending:
+            value = pending.pop()
+            assert len(value) == n
+            return value
+        return rng(n)
+    return draw
+
+
+# =============================================================================
+# Stores
+# =============================================================================
+# DESIGN 2.  Each store is a shelve.Shelf over a one-table SQLite database:
+# WAL journal, one transaction per write, synchronous=FULL where losing a
+# write would lose mail.  Not dbm.dumb (neither crash- nor thread-safe) and
+# not Python 3.13's dbm.sqlite3 (its connection refuses other threads).
+# Values are JSON, not pickle, so that a port can read the same files and a
+# copied data directory cannot run code.
+
+class SqliteMapping(MutableMapping):
+    """bytes -> bytes in one SQLite table; each write commits on its own."""
+
+    def __init__(self, path: str, synchronous: str = "FULL"):
+        self.path = path
+        self.lock = threading.Lock()
+        # isolation_level=None: autocommit, so every statement is its own
+        # transaction and is durable when it returns.
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={synchronous}")
+        self.db.execute("CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
+
+    def __getitem__(self, key: bytes) -> bytes:
+        with self.lock:
+            row = self.db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise KeyError(key)
+        return row[0]
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+
+    def __delitem__(self, key: bytes) -> None:
+        with self.lock:
+            if self.db.execute("DELETE FROM kv WHERE key = ?", (key,)).rowcount == 0:
+                raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        with self.lock:
+            return self.db.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() is not None
+
+    def __iter__(self) -> Iterator[bytes]:
+        with self.lock:
+            keys = [row[0] for row in self.db.execute("SELECT key FROM kv ORDER BY key")]
+        return iter(keys)
+
+    def __len__(self) -> int:
+        with self.lock:
+            return self.db.execute("SELECT COUNT(*) FROM kv").fetchone()[0]
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+
+class JsonShelf(shelve.Shelf):
+    """A shelf whose values are JSON documents instead of pickles."""
+
+    def __getitem__(self, key: str) -> Any:
+        return json.loads(self.dict[key.encode(self.keyencoding)])
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.dict[key.encode(self.keyencoding)] = json.dumps(value, sort_keys=True).encode()
+
+
+class MemoryStore(dict):
+    """A dict with a shelf's copy semantics (values go through JSON), for tests
+    and simulations: code that mutates a fetched value without storing it back
+    is as wrong here as it would be on disk."""
+
+    def __getitem__(self, key: str) -> Any:
+        return json.loads(super().__getitem__(key))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, json.dumps(value, sort_keys=True))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def items(self):
+        return [(key, self[key]) for key in self.keys()]
+
+    def values(self):
+        return [self[key] for key in self.keys()]
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            value = self[key]
+            del self[key]
+            return value
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+
+class Stores:
+    """The node's durable state, one store each (DATA_DIR/<name>.db)."""
+
+    DURABILITY = {
+        # store        synchronous  what it holds
+        "inbox":       "FULL",      # delivered mail, by mail_key (acked: must survive)
+        "outbox":      "FULL",      # our own mail and its status, by mail id
+        "relay":       "FULL",      # mail and acks held for others, by key
+        "users":       "FULL",      # local users, by lowercase name
+        "contacts":    "FULL",      # the address book, by lowercase name
+        "passwords":   "FULL",      # salted scrypt hashes for SMTP/POP3, by user
+        "seen":        "NORMAL",    # keys already handled -> expiry (a cache)
+        "nis":         "NORMAL",    # the NIS map, by domain (re-learnable)
+        "peers":       "NORMAL",    # addresses that worked, by domain
+        "reputation":  "NORMAL",    # scores and bans, by subject
+    }
+
+    def __init__(self, **stores: MutableMapping):
+        for name in self.DURABILITY:
+            setattr(self, name, stores[name])
+        self._closers: list[Callable[[], None]] = []
+
+    @classmethod
+    def memory(cls) -> "Stores":
+        return cls(**{name: MemoryStore() for name in cls.DURABILITY})
+
+    @classmethod
+    def open(cls, data_dir: str) -> "Stores":
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        shelves = {}
+        for name, synchronous in cls.DURABILITY.items():
+            mapping = SqliteMapping(os.path.join(data_dir, f"{name}.db"), synchronous)
+            shelves[name] = JsonShelf(mapping, writeback=False)
+        stores = cls(**shelves)
+        stores._closers = [shelf.close for shelf in shelves.values()]
+        return stores
+
+    def close(self) -> None:
+        for close in self._closers:
+            close()
+        self._closers = []
+
+
+# =============================================================================
+# Network shell
+# =============================================================================
+# The only code that touches sockets, threads and the clock.  Each connection
+# has a reader (the socketserver handler thread, or the dialling thread) and
+# a writer thread with a bounded queue.  Every core call happens under one
+# lock; its actions are carried out right after.  Nothing here decides
+# anything about the protocol.
+
+MAX_QUEUE_BYTES = 16 << 20      # unsent bytes per connection; a peer that does not
+                                # read that much is dropped rather than buffered
+DIAL_TIMEOUT = 5                # seconds to establish a TCP connection
+TICK_SECONDS = 0.5              # how often the core is told that time passed
+SOCKET_TIMEOUT = IDLE_TIMEOUT + 30   # a safety net under the core's own timeouts
+
+
+class Connection:
+    """The shell's side of one TCP connection: read lines, queue writes."""
+
+    _ids = iter(range(1, 2**62))
+    _ids_lock = threading.Lock()
+
+    def __init__(self, shell: "NodeShell", sock: socket.socket, ip: str,
+                 dialled: Dial | None, rfile: Any = None):
+        with Connection._ids_lock:
+            self.id = next(Connection._ids)
+        self.shell = shell
+        self.sock = sock
+        self.ip = ip
+        self.dialled = dialled
+        self.rfile = rfile or sock.makefile("rb")
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.queued = 0
+        self.closing = False
+        self.cond = threading.Condition()
+        self.writer = threading.Thread(target=self._write_loop, daemon=True,
+                                       name=f"secral-writer-{self.id}")
+
+    # reader --------------------------------------------------------------
+
+    def run(self) -> None:
+        """Read lines until the peer or the core ends the connection."""
+        self.sock.settimeout(SOCKET_TIMEOUT)
+        self.shell.register(self)
+        self.writer.start()
+        try:
+            self.shell.call("connection_made", self.id, self.ip, dialled=self.dialled)
+            while not self.closing:
+                line = self.rfile.readline(MAX_LINE + 1)
+                if not line:
+                    break
+                if len(line) > MAX_LINE:       # never buffer past the limit (3.1)
+                    self.shell.call("line_too_long", self.id)
+                    break
+                if not line.endswith(b"\n"):
+                    break                      # the peer hung up mid-line
+                self.shell.call("line_received", self.id, line)
+        except (OSError, ValueError):
+            pass                               # reset, timeout, or closed under us
+        except Exception:                      # a bug: log it, keep the node alive
+            log.exception("connection %d: unexpected error", self.id)
+        finally:
+            self.shell.call("connection_lost", self.id)
+            self.close()
+
+    # writer --------------------------------------------------------------
+
+    def send(self, line: bytes) -> None:
+        with self.cond:
+            if self.closing:
+                return
+            if self.queued + len(line) > MAX_QUEUE_BYTES:
+                log.warning("connection %d: peer is not reading; dropping it", self.id)
+                self.closing = True
+                self.cond.notify()
+                return
+            self.queue.append(line)
+            self.queued += len(line)
+            self.cond.notify()
+
+    def close(self) -> None:
+        """Close after the queued frames (an error frame, say) are written."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+
+    def _write_loop(self) -> None:
+        allowance, stamp = float(SEND_RATE), time.monotonic()
+        try:
+            while True:
+                with self.cond:
+                    while not self.queue and not self.closing:
+                        self.cond.wait()
+                    if not self.queue:
+                        break
+                    line = self.queue.popleft()
+                    self.queued -= len(line)
+                # Pace ourselves below the peer's rate limit (9.3).
+                now = time.monotonic()
+                allowance = min(float(SEND_RATE), allowance + (now - stamp) * SEND_RATE)
+                stamp = now
+                if allowance < 1:
+                    time.sleep((1 - allowance) / SEND_RATE)
+                    allowance = 1
+                allowance -= 1
+                self.sock.sendall(line)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.shell.unregister(self)
+
+
+class PeerHandler(socketserver.StreamRequestHandler):
+    """socketserver's per-connection thread: hand the socket to a Connection."""
+
+    def handle(self) -> None:
+        Connection(self.server.shell, self.request, self.client_address[0], None,
+                   rfile=self.rfile).run()
+
+    def finish(self) -> None:
+        with contextlib.suppress(OSError):
+            super().finish()
+
+
+class PeerServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], shell: "NodeShell"):
+        self.shell = shell
+        super().__init__(address, PeerHandler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """A banned address is closed before a thread or a byte is spent on it (9.2)."""
+        return not self.shell.ip_banned(client_address[0])
+
+
+class Clock:
+    """Wall-clock time, optionally shifted by the number in a file: tests move
+    a node's clock a day ahead without sleeping (node --clock-file)."""
+
+    def __init__(self, offset_file: str | None = None):
+        self.offset_file = offset_file
+        self.offset = 0.0
+        self.reload()
+
+    def reload(self) -> None:
+        if self.offset_file:
+            with contextlib.suppress(OSError, ValueError):
+                with open(self.offset_file) as f:
+                    self.offset = float(f.read().strip() or 0)
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+class NodeShell:
+    """Runs a Node core on real sockets: listener, dialers, tick, control port."""
+
+    def __init__(self, data_dir: str, config: Config, listen: tuple[str, int] | None,
+                 clock: Clock | None = None, identity: Identity | None = None):
+        self.data_dir = data_dir
+        self.clock = clock or Clock()
+        self.identity = identity or load_identity(os.path.join(data_dir, "node.key"))
+        self.stores = Stores.open(data_dir)
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.generation = 0                     # bumped on every event, for waiters
+        self.conns: dict[int, Connection] = {}
+        self.stopping = threading.Event()
+        self.closed = False
+        self.server = PeerServer(listen, self) if listen else None
+        if self.server and config.host is not None and not config.port:
+            config.port = self.server.server_address[1]
+        self.core = Node(self.identity, self.stores, config, self.clock(), os.urandom)
+        self.control: "ControlServer | None" = None
+        self.threads: list[threading.Thread] = []
+
+    @property
+    def port(self) -> int | None:
+        return self.server.server_address[1] if self.server else None
+
+    # calling the core ----------------------------------------------------
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run one core input under the lock and carry out its actions.
+        Core methods that return (value, actions) give back the value."""
+        with self.lock:
+            if self.closed:
+                return None                     # a straggling thread after stop()
+            result = getattr(self.core, method)(*args, now=self.clock(), **kwargs)
+            value, actions = (result if isinstance(result, tuple) else (None, result))
+            self.execute(actions)
+            return value
+
+    def execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                conn = self.conns.get(action.conn)
+                if conn is not None:
+                    conn.send(encode_frame(action.frame))
+            elif isinstance(action, Close):
+                conn = self.conns.get(action.conn)
+                if conn is not None:
+                    conn.close()
+            elif isinstance(action, Dial):
+                self._spawn(self._dial, action, name=f"secral-dial-{action.host}:{action.port}")
+            elif isinstance(action, Event):
+                self._log_event(action)
+                self.generation += 1
+                self.changed.notify_all()
+
+    def _log_event(self, event: Event) -> None:
+        d = event.data
+        if event.name == "peer_open":
+            log.info("peer %s connected (%s, %s)", d["domain"], d["ip"],
+                     "outbound" if d["outbound"] else "inbound")
+        elif event.name == "peer_closed":
+            log.info("peer %s disconnected (%s)", d["domain"], d["reason"])
+        elif event.name == "mail_received":
+            log.info("mail for %s from %s: %r", d["user"], d["sender"], d["subject"])
+        elif event.name == "mail_status":
+            log.info("outbox %s: %s %s", d["id"][:12], d["status"], d["reason"])
+        elif event.name == "banned":
+            log.warning("banned %s (%s) until %s", d["domain"] or "-", d["ip"],
+                        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["until"])))
+        elif event.name == "nis_result":
+            log.info("NIS %s: %s", d["domain"], "found" if d["record"] else "not found")
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float) -> Any:
+        """Wait (holding no lock while asleep) until predicate() is truthy."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                value = predicate()
+                remaining = deadline - time.monotonic()
+                if value or remaining <= 0 or self.stopping.is_set():
+                    return value
+                self.changed.wait(min(remaining, 1.0))
+
+    # connections ---------------------------------------------------------
+
+    def register(self, conn: Connection) -> None:
+        with self.lock:
+            self.conns[conn.id] = conn
+
+    def unregister(self, conn: Connection) -> None:
+        with self.lock:
+            self.conns.pop(conn.id, None)
+
+    def ip_banned(self, ip: str) -> bool:
+        with self.lock:
+            return self.core.reputation.banned(f"ip:{ip}", int(self.clock()))
+
+    def _dial(self, dial: Dial) -> None:
+        target = dial.domain or f"{dial.host}:{dial.port}"
+        try:
+            sock = socket.create_connection((dial.host, dial.port), timeout=DIAL_TIMEOUT)
+        except OSError as exc:
+            log.info("cannot reach %s (%s:%d): %s", dial.domain or "peer", dial.host, dial.port, exc)
+            self.call("dial_failed", target)
+            return
+        ip = sock.getpeername()[0]
+        Connection(self, sock, ip, dial).run()
+
+    def _spawn(self, target: Callable, *args: Any, name: str) -> threading.Thread:
+        thread = threading.Thread(target=target, args=args, daemon=True, name=name)
+        thread.start()
+        return thread
+
+    # life cycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        if self.server:
+            self.threads.append(self._spawn(self.server.serve_forever, name="secral-listen"))
+        self.threads.append(self._spawn(self._tick_loop, name="secral-tick"))
+        self.control = ControlServer(self)
+        self.threads.append(self._spawn(self.control.serve_forever, name="secral-control"))
+        self.control.publish()
+        self.call("tick")
+
+    def _tick_loop(self) -> None:
+        while not self.stopping.wait(TICK_SECONDS):
+            try:
+                self.clock.reload()
+                self.call("tick")
+            except Exception:
+                log.exception("tick failed")
+
+    def stop(self) -> None:
+        """Stop cleanly: tell peers, close sockets, close the stores."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        if self.control:
+            self.control.unpublish()
+            self.control.shutdown()
+            self.control.server_close()
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+        with self.lock:
+            self.execute(self.core.close_all(self.clock()))
+            self.changed.notify_all()
+        deadline = time.monotonic() + 2
+        while self.conns and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self.lock:
+            self.closed = True
+            self.stores.close()
+
+
+# =============================================================================
+# Control interface
+# =============================================================================
+# The CLI talks to a running node over a TCP port bound to 127.0.0.1.  The
+# port and a random token are in DATA_DIR/control.json (mode 0600), so only
+# the node's owner can use it.  One request line, one response line:
+#   {"token": ..., "cmd": "send", "args": {...}}
+#   {"ok": true, "result": ...}  or  {"ok": false, "code": ..., "message": ...}
+
+CONTROL_FILE = "control.json"
+CONTROL_MAX_WAIT = 600          # seconds a request may wait (send --wait, nis lookup)
+
+
+def write_private_json(path: str, obj: Any) -> None:
+    """Write JSON atomically with mode 0600 (control.json)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+class ControlHandler(socketserver.StreamRequestHandler):
+    timeout = CONTROL_MAX_WAIT + 30
+
+    def handle(self) -> None:
+        line = self.rfile.readline(MAX_LINE * 2)
+        try:
+            try:
+                request = json.loads(line)      # the owner's own client: floats allowed
+            except ValueError:
+                raise LocalError("refused", "a control request is one JSON line")
+            if not isinstance(request, dict) or not isinstance(request.get("token"), str):
+                raise LocalError("unauthorized", "no control token")
+            if not hmac.compare_digest(request["token"], self.server.token):
+                raise LocalError("unauthorized", "wrong control token")
+            command = request.get("cmd")
+            method = getattr(self.server.control, f"cmd_{command}", None)
+            if not isinstance(command, str) or method is None:
+                raise LocalError("refused", f"unknown command {command!r}")
+            args = request.get("args") or {}
+            if not isinstance(args, dict):
+                raise LocalError("refused", "args must be an object")
+            response = {"ok": True, "result": method(**args)}
+        except SecralError as exc:
+            response = {"ok": False, "code": exc.code, "message": exc.message}
+        except TypeError as exc:                # wrong arguments for the command
+            response = {"ok": False, "code": "refused", "message": str(exc)}
+        except Exception as exc:                # a bug: say so, keep serving
+            log.exception("control command failed")
+            response = {"ok": False, "code": "refused", "message": f"internal error: {exc}"}
+        with contextlib.suppress(OSError):
+            self.wfile.write(json.dumps(response).encode() + b"\n")
+
+
+class ControlServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, shell: NodeShell):
+        self.shell = shell
+        self.token = secrets.token_hex(32)
+        self.control = Control(shell)
+        super().__init__(("127.0.0.1", 0), ControlHandler)
+
+    def publish(self) -> None:
+        write_private_json(os.path.join(self.shell.data_dir, CONTROL_FILE), {
+            "port": self.server_address[1], "token": self.token, "pid": os.getpid(),
+            "domain": self.shell.identity.domain})
+
+    def unpublish(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.shell.data_dir, CONTROL_FILE))
+
+
+def _summary(key: str, entry: dict, contacts: dict) -> dict:
+    """An inbox entry as the CLI lists it."""
+    return {"id": entry["id"], "key": key, "from": entry["from"], "to": entry["to"],
+            "user": entry["user"], "subject": entry["subject"], "created": entry["created"],
+            "received": entry["received"], "unread": entry.get("unread", False),
+            "contact": contacts.get(Address(*entry["from"].split("@")).key)}
+
+
+class Control:
+    """The commands a running node serves to its owner (README: CLI reference).
+    Each cmd_<name> takes keyword arguments and returns JSON-able data."""
+
+    def __init__(self, shell: NodeShell):
+        self.shell = shell
+        self.core = shell.core
+        self.stores = shell.stores
+
+    def _now(self) -> float:
+        return self.shell.clock()
+
+    def _contacts_by_address(self) -> dict[str, str]:
+        return {parse_address(c["address"]).key: c["name"] for c in self.stores.contacts.values()}
+
+    def _resolve(self, to: str) -> str:
+        """An address, or a contact name standing for one (contacts are local only)."""
+        if "@" in to:
+            try:
+                return str(parse_address(to.strip(), "to"))
+            except RemoteError as exc:
+                raise LocalError(exc.code, exc.message)
+        contact = self.stores.contacts.get(to.lower())
+        if contact is None:
+            raise LocalError("not_found", f"{to!r} is neither an address nor a contact")
+        return contact["address"]
+
+    # identity and peers --------------------------------------------------
+
+    def cmd_whoami(self) -> dict:
+        with self.shell.lock:
+            users = sorted(u["name"] for u in self.stores.users.values())
+            record = self.core.record
+        return {"domain": self.core.domain,
+                "addresses": [f"{u}@{self.core.domain}" for u in [CORE_USER] + users],
+                "host": record["host"], "port": self.shell.port, "advertised_port": record["port"]}
+
+    def cmd_peers(self, banned: bool = False) -> list[dict]:
+        now = self._now()
+        with self.shell.lock:
+            if banned:
+                return [{"subject": subject, "until": entry["until"], "bans": entry["bans"]}
+                        for subject, entry in self.core.reputation.bans(int(now))]
+            return [{"domain": p.domain, "host": p.record["host"], "port": p.record["port"],
+                     "ip": p.ip, "direction": "outbound" if p.outbound else "inbound",
+                     "score": self.core.score(p.domain, now), "since": int(p.opened)}
+                    for p in sorted(self.core.open.values(), key=lambda p: p.domain)]
+
+    def cmd_nis_lookup(self, domain: str, timeout: float = NIS_TIMEOUT) -> dict:
+        domain = domain.strip().lower()
+        try:
+            record = self.shell.call("lookup", domain)
+        except RemoteError as exc:
+            raise LocalError(exc.code, exc.message)
+        if record is None:
+            record = self.shell.wait_for(lambda: self.core.known_record(domain, self._now()),
+                                         min(float(timeout), CONTROL_MAX_WAIT))
+        if record is None:
+            raise LocalError("not_found", f"no NIS record for {domain} was found")
+        return record
+
+    # mail ----------------------------------------------------------------
+
+    def cmd_send(self, to: str, subject: str, body: str, user: str = DEFAULT_USER,
+                 ttl: int = MAX_TTL) -> dict:
+        with self.shell.lock:
+            address = self._resolve(to)
+            try:
+                mail_id = self.shell.call("submit", user, address, subject, body, ttl=int(ttl))
+            except RemoteError as exc:
+                raise LocalError(exc.code, exc.message)
+            return self.stores.outbox[mail_id] | {"mail": None}
+
+    def cmd_wait(self, id: str, timeout: float = 10) -> dict:
+        """Wait until an outbox entry reaches delivered/rejected/expired."""
+        def final():
+            entry = self.stores.outbox.get(id)
+            return entry if entry and entry["status"] in ("delivered", "rejected", "expired") else None
+        self.shell.wait_for(final, min(float(timeout), CONTROL_MAX_WAIT))
+        with self.shell.lock:
+            entry = self.stores.outbox.get(id)
+        if entry is None:
+            raise LocalError("not_found", f"no outbox entry {id}")
+        return entry | {"mail": None}
+
+    def cmd_outbox(self) -> list[dict]:
+        with self.shell.lock:
+            entries = [e | {"mail": None, "body": None} for e in self.stores.outbox.values()]
+        return sorted(entries, key=lambda e: (e["created"], e["id"]))
+
+    def cmd_inbox(self, user: str | None = None) -> list[dict]:
+        with self.shell.lock:
+            if user is not None and user.lower() not in self.stores.users:
+                raise LocalError("not_found", f"no local user {user!r}")
+            contacts = self._contacts_by_address()
+            entries = [_summary(k, e, contacts) for k, e in self.stores.inbox.items()
+                       if user is None or e["user"] == user.lower()]
+        return sorted(entries, key=lambda e: (e["received"], e["id"]))
+
+    def cmd_read(self, id: str) -> dict:
+        prefix = id.strip().lower()
+        if len(prefix) < 4:
+            raise LocalError("not_found", "give at least 4 characters of the mail id")
+        with self.shell.lock:
+            matches = [(k, e) for k, e in self.stores.inbox.items() if e["id"].startswith(prefix)]
+            if not matches:
+                raise LocalError("not_found", f"no mail with id {id}")
+            if len(matches) > 1:
+                raise LocalError("not_found", f"{id} is ambiguous: {len(matches)} mails match")
+            key, entry = matches[0]
+            if entry.get("unread"):
+                entry["unread"] = False
+                self.stores.inbox[key] = entry
+            return _summary(key, entry, self._contacts_by_address()) | {"body": entry["body"]}
+
+    # users and contacts (local only: never on the wire) --------------------
+
+    def cmd_users_list(self) -> list[dict]:
+        with self.shell.lock:
+            inbox = collections.Counter(e["user"] for e in self.stores.inbox.values())
+            return [{"name": u["name"], "address": f"{u['name']}@{self.core.domain}",
+                     "created": u["created"], "mails": inbox[key]}
+                    for key, u in sorted(self.stores.users.items())]
+
+    def cmd_users_add(self, name: str) -> dict:
+        try:
+            check_user(name, "user")
+        except RemoteError as exc:
+            raise LocalError(exc.code, exc.message)
+        if name.lower() == CORE_USER.lower():
+            raise LocalError("refused", f"{CORE_USER} is the system user")
+        with self.shell.lock:
+            if name.lower() in self.stores.users:
+                raise LocalError("exists", f"user {self.stores.users[name.lower()]['name']} exists")
+            self.stores.users[name.lower()] = {"name": name, "created": int(self._now())}
+        return {"name": name, "address": f"{name}@{self.core.domain}"}
+
+    def cmd_users_remove(self, name: str, force: bool = False) -> dict:
+        key = name.lower()
+        if key == CORE_USER.lower():
+            raise LocalError("refused", f"{CORE_USER} is the system user")
+        with self.shell.lock:
+            if key not in self.stores.users:
+                raise LocalError("not_found", f"no local user {name!r}")
+            mails = [k for k, e in self.stores.inbox.items() if e["user"] == key]
+            if mails and not force:
+                raise LocalError("refused", f"{name} has {len(mails)} mails in the inbox; "
+                                 "use --force to remove the user and the mail")
+            for k in mails:
+                del self.stores.inbox[k]
+            del self.stores.users[key]
+            self.stores.passwords.pop(key, None)
+        return {"name": name, "removed_mails": len(mails)}
+
+    def cmd_contacts_list(self) -> list[dict]:
+        with self.shell.lock:
+            return [self.stores.contacts[k] for k in sorted(self.stores.contacts.keys())]
+
+    def cmd_contacts_add(self, name: str, address: str) -> dict:
+        if "@" in name or not USER_RE.fullmatch(name):
+            raise LocalError("refused", f"{name!r}: a contact name is 1-64 of A-Z a-z 0-9 . _ - "
+                             "starting with a letter or digit")
+        try:
+            address = str(parse_address(address.strip(), "address"))
+        except RemoteError as exc:
+            raise LocalError(exc.code, exc.message)
+        with self.shell.lock:
+            if name.lower() in self.stores.contacts:
+                raise LocalError("exists", f"contact {name} exists")
+            self.stores.contacts[name.lower()] = {"name": name, "address": address}
+        return {"name": name, "address": address}
+
+    def cmd_contacts_remove(self, name: str) -> dict:
+        with self.shell.lock:
+            contact = self.stores.contacts.pop(name.lower(), None)
+        if contact is None:
+            raise LocalError("not_found", f"no contact {name!r}")
+        return contact
+
+
+# =============================================================================
+# Command line
+# =============================================================================
+# python3 secral.py node | send | inbox | read | outbox | peers | whoami |
+# nis lookup | users | contacts.  Every command but node and whoami talks to
+# the running node; all take --data-dir and --json.
+
+def default_data_dir() -> str:
+    return os.environ.get("SECRAL_HOME") or os.path.join(os.path.expanduser("~"), ".secral")
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT, or HOST alone (default port)."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", text.strip())
+    if not match:
+        raise LocalError("refused", f"{text!r} is not HOST:PORT")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4) or default_port)
+    if not 0 < port < 65536:
+        raise LocalError("refused", f"port {port} is out of range")
+    return host, port
+
+
+def call_node(data_dir: str, cmd: str, args: dict | None = None, timeout: float = 30) -> Any:
+    """Send one command to the node running on `data_dir`; `timeout` is how
+    long the command itself may take (send --wait, nis lookup)."""
+    path = os.path.join(data_dir, CONTROL_FILE)
+    hint = f"no node is running for {data_dir} (start one with: python3 secral.py node --data-dir {data_dir})"
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        sock = socket.create_connection(("127.0.0.1", info["port"]), timeout=5)
+    except (OSError, ValueError, KeyError):
+        raise LocalError("not_running", hint)
+    with sock:
+        sock.settimeout(timeout + 30)
+        sock.sendall(json.dumps({"token": info["token"], "cmd": cmd, "args": args or {}}).encode() + b"\n")
+        with sock.makefile("rb") as f:
+            line = f.readline()
+    if not line:
+        raise LocalError("not_running", hint)
+    response = json.loads(line)
+    if not response["ok"]:
+        raise LocalError(response["code"] if response["code"] in ERROR_CODES else "refused",
+                         response["message"])
+    return response["result"]
+
+
+def when(t: int | None) -> str:
+    return "-" if not t else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def print_table(rows: list[list[Any]], header: list[str]) -> None:
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def run_node(args: argparse.Namespace) -> int:
+    """python3 secral.py node: run in the foreground until Ctrl-C or SIGTERM."""
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    data_dir = args.data_dir
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    if os.path.exists(os.path.join(data_dir, CONTROL_FILE)):
+        with contextlib.suppress(LocalError):
+            call_node(data_dir, "whoami")
+            raise LocalError("refused", f"a node is already running for {data_dir}")
+    listen = None if args.no_listen else (args.host, args.port)
+    if args.advertise:
+        host, port = parse_hostport(args.advertise)
+    elif args.no_listen:
+        host, port = None, 0
+    else:
+        host, port = (None if args.host in ("0.0.0.0", "::", "") else args.host), 0
+    config = Config(host=host, port=port, bootstrap=tuple(parse_hostport(p) for p in args.peer),
+                    target_outbound=args.target_outbound)
+    if args.rate:
+        config.rate, config.burst = args.rate, int(args.rate * 2)
+    shell = NodeShell(data_dir, config, listen, Clock(args.clock_file))
+    shell.start()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    users = sorted(u["name"] for u in shell.stores.users.values())
+    print(f"Secral node {shell.identity.domain}", flush=True)
+    for user in [CORE_USER] + users:
+        print(f"  address  {user}@{shell.identity.domain}")
+    if shell.port:
+        print(f"  listening on {args.host}:{shell.port}"
+              + (f", advertised as {host}:{config.port}" if host else
+                 " (not advertised: use --advertise HOST:PORT so others can dial you)"))
+    else:
+        print("  not listening (reachable through relays only)")
+    print(f"  data in {data_dir}; stop with Ctrl-C", flush=True)
+    stop.wait()
+    log.info("stopping")
+    shell.stop()
+    return 0
+
+
+def run_whoami(args: argparse.Namespace) -> dict:
+    """whoami works without a running node: it creates the identity if needed."""
+    with contextlib.suppress(LocalError):
+        return call_node(args.data_dir, "whoami")
+    identity = load_identity(os.path.join(args.data_dir, "node.key"))
+    return {"domain": identity.domain,
+            "addresses": [f"{CORE_USER}@{identity.domain}", f"{DEFAULT_USER}@{identity.domain}"]}
+
+
+def command_output(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
+    """Run a client command; return its result and how to print it for people."""
+    d = args.data_dir
+    if args.command == "whoami":
+        def show(r):
+            print(r["domain"])
+            for a in r["addresses"]:
+                print(f"  {a}")
+        return run_whoami(args), show
+    if args.command == "send":
+        body = args.body if args.body is not None else sys.stdin.read()
+        entry = call_node(d, "send", {"to": args.to, "subject": args.subject, "body": body,
+                                      "user": args.sender, "ttl": args.ttl})
+        if args.wait:
+            entry = call_node(d, "wait", {"id": entry["id"], "timeout": args.wait}, args.wait)
+        def show(e):
+            if e["status"] == "delivered":
+                print(f"delivered {e['id']} to {e['to']}")
+            elif e["status"] == "rejected":
+                print(f"rejected {e['id']} by {e['to'].split('@')[1]}: {e['reason']}")
+            elif args.wait:
+                print(f"not yet delivered after {args.wait:g} s: {e['id']} is {e['status']} "
+                      "(the node keeps trying)")
+            else:
+                print(f"{e['status']} {e['id']} to {e['to']}")
+        if args.wait and entry["status"] != "delivered":
+            show(entry) if not args.json else print(json.dumps(entry, indent=2))
+            raise SystemExit(2 if entry["status"] in ("rejected", "expired") else 3)
+        return entry, show
+    if args.command == "inbox":
+        def show(rows):
+            print_table([[r["id"][:12], "*" if r["unread"] else " ", when(r["received"]),
+                          r["from"] + (f" ({r['contact']})" if r["contact"] else " (not a contact)"),
+                          r["subject"]] for r in rows],
+                        ["ID", "N", "RECEIVED", "FROM", "SUBJECT"])
+        return call_node(d, "inbox", {"user": args.user}), show
+    if args.command == "read":
+        def show(r):
+            sender = r["from"] + (f" ({r['contact']})" if r["contact"] else " (not in your contacts)")
+            print(f"From:    {sender}\nTo:      {r['to']}\nDate:    {when(r['created'])}\n"
+                  f"Subject: {r['subject']}\nId:      {r['id']}\n\n{r['body']}")
+        return call_node(d, "read", {"id": args.id}), show
+    if args.command == "outbox":
+        def show(rows):
+            print_table([[r["id"][:12], r["status"], when(r["created"]), r["to"], r["subject"],
+                          r["reason"]] for r in rows],
+                        ["ID", "STATUS", "CREATED", "TO", "SUBJECT", "NOTE"])
+        return call_node(d, "outbox"), show
+    if args.command == "peers":
+        if args.banned:
+            def show(rows):
+                print_table([[r["subject"], when(r["until"]), r["bans"]] for r in rows],
+                            ["BANNED", "UNTIL", "BANS"])
+        else:
+            def show(rows):
+                print_table([[r["domain"], r["host"] or "-", r["port"] or "-", r["direction"],
+                              r["score"]] for r in rows],
+                            ["DOMAIN", "HOST", "PORT", "DIRECTION", "SCORE"])
+        return call_node(d, "peers", {"banned": args.banned}), show
+    if args.command == "nis":
+        def show(r):
+            fingerprint = hashlib.sha256(base64.b64decode(r["key"])).hexdigest()
+            print(f"domain   {r['domain']}\nhost     {r['host'] or '- (reachable through relays)'}\n"
+                  f"port     {r['port'] or '-'}\nkey      sha256:{fingerprint}\n"
+                  f"seq      {r['seq']}\nexpires  {when(r['expires'])}")
+        record = call_node(d, "nis_lookup", {"domain": args.domain, "timeout": args.timeout},
+                           args.timeout)
+        fingerprint = "sha256:" + hashlib.sha256(base64.b64decode(record["key"])).hexdigest()
+        return record | {"fingerprint": fingerprint}, show
+    if args.command == "users":
+        if args.action == "list":
+            def show(rows):
+                print_table([[r["name"], r["address"], r["mails"]] for r in rows],
+                            ["USER", "ADDRESS", "MAILS"])
+            return call_node(d, "users_list"), show
+        if args.action == "add":
+            return call_node(d, "users_add", {"name": args.name}), lambda r: print(f"added {r['address']}")
+        result = call_node(d, "users_remove", {"name": args.name, "force": args.force})
+        return result, lambda r: print(f"removed {r['name']} ({r['removed_mails']} mails)")
+    if args.command == "contacts":
+        if args.action == "list":
+            def show(rows):
+                print_table([[r["name"], r["address"]] for r in rows], ["NAME", "ADDRESS"])
+            return call_node(d, "contacts_list"), show
+        if args.action == "add":
+            result = call_node(d, "contacts_add", {"name": args.name, "address": args.address})
+            return result, lambda r: print(f"added {r['name']} = {r['address']}")
+        result = call_node(d, "contacts_remove", {"name": args.name})
+        return result, lambda r: print(f"removed {r['name']}")
+    raise LocalError("refused", f"unknown command {args.command}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=default_data_dir(),
+                        help="node directory (default: $SECRAL_HOME or ~/.secral)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    parser = argparse.ArgumentParser(
+        prog="secral.py", description="Secral: end-to-end encrypted peer-to-peer mail.")
+    parser.add_argument("--version", action="version", version=AGENT)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("node", parents=[common], help="run a node in the foreground")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)")
+    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="a node to connect to (repeatable)")
+    p.add_argument("--advertise", metavar="HOST:PORT", help="address to publish in the NIS record")
+    p.add_argument("--no-listen", action="store_true", help="behind NAT: accept no connections")
+    p.add_argument("--target-outbound", type=int, default=8, help="outbound connections to keep")
+    p.add_argument("--rate", type=float, help=f"frames/s a peer may send (default {RATE_PER_SECOND})")
+    p.add_argument("--clock-file", help="testing: add the seconds written in this file to the clock")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("send", parents=[common], help="send a mail")
+    p.add_argument("to", help="user@node-... or a contact name")
+    p.add_argument("--subject", "-s", required=True)
+    p.add_argument("--body", "-b", help="the text (default: read standard input)")
+    p.add_argument("--from", dest="sender", default=DEFAULT_USER, help="local user (default Default)")
+    p.add_argument("--ttl", type=int, default=MAX_TTL, help="seconds to keep trying (default 7 days)")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait this long for the ack and say whether it came")
+
+    p = sub.add_parser("inbox", parents=[common], help="list received mail")
+    p.add_argument("--user", "-u", help="only this local user's mail")
+    p = sub.add_parser("read", parents=[common], help="show one mail")
+    p.add_argument("id", help="the mail id (a unique prefix will do)")
+    sub.add_parser("outbox", parents=[common], help="list sent mail and its status")
+    p = sub.add_parser("peers", parents=[common], help="list connected peers")
+    p.add_argument("--banned", action="store_true", help="list banned peers instead")
+    sub.add_parser("whoami", parents=[common], help="show this node's domain and addresses")
+
+    p = sub.add_parser("nis", parents=[common], help="NIS name lookups")
+    nis = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = nis.add_parser("lookup", parents=[common], help="find a node's NIS record")
+    q.add_argument("domain")
+    q.add_argument("--timeout", type=float, default=NIS_TIMEOUT)
+
+    p = sub.add_parser("users", parents=[common], help="manage local users")
+    users = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    users.add_parser("list", parents=[common])
+    users.add_parser("add", parents=[common]).add_argument("name")
+    q = users.add_parser("remove", parents=[common])
+    q.add_argument("name")
+    q.add_argument("--force", action="store_true", help="also delete the user's mail")
+
+    p = sub.add_parser("contacts", parents=[common], help="manage the address book")
+    contacts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    contacts.add_parser("list", parents=[common])
+    q = contacts.add_parser("add", parents=[common])
+    q.add_argument("name")
+    q.add_argument("address")
+    contacts.add_parser("remove", parents=[common]).add_argument("name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+    try:
+        if args.command == "node":
+            return run_node(args)
+        result, show = command_output(args)
+    except SecralError as exc:
+        print(f"secral: {exc.message}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        show(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
