@@ -1108,7 +1108,8 @@ class Peer:
         self.nonce = nonce              # our challenge, base64
         self.state = "hello"
         self.record: dict | None = None
-        self.domain: str | None = None
+        self.domain: str | None = None          # claimed by hello ...
+        self.verified = False                   # ... and proven by auth
         self.opened = now
         self.last_rx = now
         self.pinged = now
@@ -1118,8 +1119,9 @@ class Peer:
 
     @property
     def subject(self) -> str:
-        """Who is scored: the domain once known, the IP address before."""
-        return f"domain:{self.domain}" if self.domain else f"ip:{self.ip}"
+        """Who is scored: the domain once proven by auth, the IP address before
+        (a hello alone proves nothing: an impostor must not cost its victim)."""
+        return f"domain:{self.domain}" if self.verified else f"ip:{self.ip}"
 
     @property
     def target(self) -> str | None:
@@ -1346,8 +1348,8 @@ class Node:
         """The shell read MAX_LINE bytes without a newline (3.1)."""
         peer = self.peers.get(conn)
         if peer is not None:
-            self._misbehaved(peer, "oversize_line", f"a line longer than {MAX_LINE} bytes", now)
-            self._close(peer, "too_large", f"a line longer than {MAX_LINE} bytes", now)
+            self._misbehaved(peer, "oversize_line", f"a line longer than {MAX_LINE} bytes", now,
+                             code="too_large")
         return self._take()
 
     def line_received(self, conn: int, line: bytes, now: float) -> list[Action]:
@@ -1366,9 +1368,7 @@ class Node:
             getattr(self, f"handle_{frame['type']}")(peer, frame, now)
         except RemoteError as exc:
             if peer.state in ("hello", "auth") and exc.code not in ("not_ready", "not_json"):
-                self._misbehaved(peer, "handshake_failed", exc.message, now)
-                if peer.state != "closed":
-                    self._close(peer, exc.code, exc.message, now)
+                self._misbehaved(peer, "handshake_failed", exc.message, now, code=exc.code)
             else:
                 self._misbehaved(peer, exc.code, exc.message, now)
         return self._take()
@@ -1382,22 +1382,24 @@ class Node:
         peer.tokens -= 1
         return True
 
-    def _misbehaved(self, peer: Peer, event: str, message: str, now: float) -> None:
-        """Score a misbehaviour (9.1) and disconnect where the table says so."""
+    def _misbehaved(self, peer: Peer, event: str, message: str, now: float,
+                    code: str | None = None) -> None:
+        """Score a misbehaviour (9.1) and disconnect where the table says so;
+        `code` is what the error frame says (by default, the event's name)."""
         change, disconnect = REPUTATION_EVENTS.get(event, (0, True))
         score = self.reputation.change(peer.subject, change, int(now)) if change else 0
         log.info("peer %s: %s (%s) -> score %d", peer.domain or peer.ip, event, message, score)
         if score <= SCORE_MIN:
             self._ban(peer, now)
-        elif disconnect and peer.state != "closed":
-            self._close(peer, event if event in ERROR_CODES else "malformed", message, now)
+        elif disconnect:
+            self._close(peer, code or (event if event in ERROR_CODES else "malformed"), message, now)
 
     def _reward(self, peer: Peer, event: str, now: float) -> None:
         self.reputation.change(peer.subject, REPUTATION_EVENTS[event][0], int(now))
 
     def _ban(self, peer: Peer, now: float) -> None:
         until = self.reputation.ban(peer.subject, int(now))
-        if peer.domain:
+        if peer.verified:
             self.reputation.ban(f"ip:{peer.ip}", int(now))
         self._event("banned", domain=peer.domain, ip=peer.ip, until=until)
         self._close(peer, "banned", f"reputation reached {SCORE_MIN}; banned until {until}", now)
@@ -1425,6 +1427,7 @@ class Node:
 
     def handle_auth(self, peer: Peer, frame: dict, now: float) -> None:
         verify_auth(frame, peer.record, peer.nonce, self.domain)
+        peer.verified = True
         existing = self.open.get(peer.domain)
         if existing is not None:
             # Both dialled at once: keep the connection dialled by the smaller
@@ -1493,7 +1496,6 @@ class Node:
         if key in self.seen:
             self._mark_has(key, peer)
             return
-        self._reward(peer, "mail_relayed", now)
         self._accept(peer, "mail", key, mail, sender, recipient, mail["expires"],
                      frame["hops"], now)
 
@@ -1507,10 +1509,10 @@ class Node:
         if key in self.seen:
             self._mark_has(key, peer)
             return
-        self._reward(peer, "ack_relayed", now)
         expires = int(ack["created"]) + ack_lifetime()
         self._remember(key, expires)
         if sender == self.domain:
+            self._reward(peer, "ack_relayed", now)
             self._ack_arrived(ack, recipient)
             return
         stored_mail = self.items.get(mail_key(sender, ack["id"]))
@@ -1550,16 +1552,17 @@ class Node:
         """Take a new object from `peer` for relaying: store, then route (7.2)."""
         if not remembered:
             self._remember(key, expires)
-        if hops == 0:
-            return                              # no relay steps left: only its target may use it
         size = len(canonical_json(obj))
-        refusal = self._over_quota(origin, size)
-        if refusal and kind == "mail":
+        refusal = self._over_quota(origin, size) if hops > 0 and kind == "mail" else None
+        if refusal:
             self.seen.pop(key, None)            # not accepted: a retry may be
             self.stores.seen.pop(key, None)
             peer.recent.pop(key, None)
             self._send(peer, make_error("quota_exceeded", refusal, ref=obj["id"]))
             return
+        self._reward(peer, f"{kind}_relayed", now)
+        if hops == 0:
+            return                              # no relay steps left: only its target may use it
         self.stores.relay[key] = {"kind": kind, "obj": obj, "hops": hops - 1,
                                   "received": int(now), "expires": expires}
         item = Item(key, kind, "relay", key, target, origin, expires, size, hops - 1,
@@ -1723,6 +1726,8 @@ class Node:
         """Where an object goes next (7.2): its target if connected; else, if we
         made it and the target's record has a host, a direct dial; else every
         other peer, better reputation first."""
+        if item.kind == "ack" and item.handed:
+            return                              # it reached its target; kept to answer repeats
         peer = self.open.get(item.target)
         if peer is not None:
             self._offer(item, peer, now)
@@ -1736,7 +1741,9 @@ class Node:
         """A peer completed the handshake: everything we hold for it goes now (7.6),
         and our own queued mail goes to it too."""
         for key in list(self.items_for.get(peer.domain, ())):
-            self._offer(self.items[key], peer, now)
+            item = self.items[key]
+            if not (item.kind == "ack" and item.handed):
+                self._offer(item, peer, now)
         for item in list(self.items.values()):
             if (item.store == "outbox" and not item.offered and item.target not in self.open
                     and item.target not in self.dialing):

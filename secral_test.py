@@ -1,0 +1,949 @@
+"""Tests for secral.py, in the same sections as the module.
+
+Three kinds of test live here:
+  * unit tests of the pure functions, and every file in spec/vectors/;
+  * cores linked without sockets (Wire): deterministic, fast, clock injected;
+  * real nodes on 127.0.0.1 with port 0: NodeShell in this process, or
+    `python3 secral.py node` subprocesses driven through the CLI.
+
+RSA-3072 keys take about a second each to generate, so tests draw them from
+a pool cached in .secral-test-keys/ (generated on first use, never committed).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import gc
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import secral
+from secral import (Address, Config, Dial, Event, Identity, LocalError, Node, RemoteError,
+                    Send, Close, Stores)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VECTORS = os.path.join(HERE, "spec", "vectors")
+KEY_DIR = os.path.join(HERE, ".secral-test-keys")
+NOW = 1_800_000_000             # a fixed "now" for deterministic tests (2027-01-15)
+
+
+# =============================================================================
+# Helpers: test keys
+# =============================================================================
+
+_pool_lock = threading.Lock()
+_pool: dict[int, Identity] = {}
+
+
+def key(i: int) -> Identity:
+    """Test identity number i, from the on-disk pool (generated once)."""
+    with _pool_lock:
+        if i not in _pool:
+            os.makedirs(KEY_DIR, exist_ok=True)
+            path = os.path.join(KEY_DIR, f"test-{i:03d}.pem")
+            if not os.path.exists(path):
+                secral.save_identity(Identity.generate(), path)
+            _pool[i] = secral.load_identity(path, create=False)
+        return _pool[i]
+
+
+def seed_key(data_dir: str, i: int) -> Identity:
+    """Give a node directory test key i, so the node skips key generation."""
+    identity = key(i)
+    secral.save_identity(identity, os.path.join(data_dir, "node.key"))
+    return identity
+
+
+class Counter:
+    """A deterministic rng for cores: reproducible nonces, ids and salts."""
+
+    def __init__(self, seed: int = 0):
+        self.random = random.Random(seed)
+
+    def __call__(self, n: int) -> bytes:
+        return self.random.randbytes(n)
+
+
+# =============================================================================
+# Helpers: cores linked without sockets
+# =============================================================================
+
+class Wire:
+    """Several Node cores in one process, joined by in-memory connections.
+
+    Frames go through encode_frame/decode_frame exactly as on a socket; time
+    is `self.now`, moved only by advance().  Dial actions connect to the core
+    whose config advertises that host:port.
+    """
+
+    def __init__(self, now: float = NOW):
+        self.now = now
+        self.nodes: dict[str, Node] = {}
+        self.links: dict[tuple[str, int], tuple[str, int]] = {}   # (node, conn) -> other end
+        self.queue: collections.deque = collections.deque()
+        self.events: list[tuple[str, Event]] = []
+        self.sent: list[tuple[str, int, dict]] = []
+        self.closed: list[tuple[str, int, str]] = []
+        self.dials: list[tuple[str, Dial]] = []
+        self.next_conn = 1
+        self.down: set[str] = set()
+
+    def add(self, name: str, identity: Identity, port: int | None = None, **config) -> Node:
+        config.setdefault("host", "10.0.0.%d" % (len(self.nodes) + 1) if port else None)
+        config.setdefault("port", port or 0)
+        node = Node(identity, Stores.memory(), Config(**config), self.now,
+                    Counter(len(self.nodes) + 1))
+        node.name = name
+        self.nodes[name] = node
+        return node
+
+    def name_of(self, domain: str) -> str:
+        return next(n for n, node in self.nodes.items() if node.domain == domain)
+
+    def connect(self, a: str, b: str, dial: Dial | None = None) -> tuple[int, int]:
+        """Open a connection from a to b and run the handshake to completion."""
+        ca, cb = self.next_conn, self.next_conn + 1
+        self.next_conn += 2
+        self.links[(a, ca)] = (b, cb)
+        self.links[(b, cb)] = (a, ca)
+        target = self.nodes[b]
+        dial = dial or Dial(target.config.host or "10.9.9.9", target.config.port or 1, None)
+        self.run(b, target.connection_made(cb, f"ip-{a}", self.now))
+        self.run(a, self.nodes[a].connection_made(ca, f"ip-{b}", self.now, dialled=dial))
+        self.pump()
+        return ca, cb
+
+    def run(self, name: str, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                line = secral.encode_frame(action.frame)
+                self.sent.append((name, action.conn, action.frame))
+                other = self.links.get((name, action.conn))
+                if other is not None:
+                    self.queue.append((other, line))
+            elif isinstance(action, Close):
+                self.closed.append((name, action.conn, action.reason))
+                other = self.links.pop((name, action.conn), None)
+                if other is not None:
+                    self.links.pop(other, None)
+                    self.queue.append((other, None))
+            elif isinstance(action, Dial):
+                self.dials.append((name, action))
+                target = next((n for n, node in self.nodes.items()
+                               if (node.config.host, node.config.port) == (action.host, action.port)
+                               and n not in self.down), None)
+                if target is None:
+                    self.run(name, self.nodes[name].dial_failed(
+                        action.domain or f"{action.host}:{action.port}", self.now))
+                else:
+                    self.connect(name, target, action)
+            elif isinstance(action, Event):
+                self.events.append((name, action))
+
+    def pump(self, limit: int = 100_000) -> None:
+        """Deliver queued lines until the network is quiet."""
+        for _ in range(limit):
+            if not self.queue:
+                return
+            (name, conn), line = self.queue.popleft()
+            node = self.nodes[name]
+            if line is None:
+                self.run(name, node.connection_lost(conn, self.now))
+            else:
+                self.run(name, node.line_received(conn, line, self.now))
+        raise AssertionError("the network did not go quiet")
+
+    def inject(self, name: str, conn: int, line: bytes) -> list:
+        """Feed raw bytes to a node as if its peer on `conn` had sent them."""
+        actions = self.nodes[name].line_received(conn, line, self.now)
+        self.run(name, actions)
+        self.pump()
+        return actions
+
+    def disconnect(self, a: str, b: str) -> None:
+        for (name, conn), (other, oconn) in list(self.links.items()):
+            if name == a and other == b:
+                self.links.pop((name, conn), None)
+                self.links.pop((other, oconn), None)
+                self.run(a, self.nodes[a].connection_lost(conn, self.now))
+                self.run(b, self.nodes[b].connection_lost(oconn, self.now))
+        self.pump()
+
+    def stop(self, name: str) -> None:
+        """Take a node offline: all its links drop."""
+        for (n, conn), (other, _) in list(self.links.items()):
+            if n == name:
+                self.disconnect(name, other)
+        self.down.add(name)
+
+    def advance(self, seconds: float, step: float = 1.0) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.now = min(end, self.now + step)
+            for name, node in self.nodes.items():
+                if name not in self.down:
+                    self.run(name, node.tick(self.now))
+            self.pump()
+
+    def submit(self, name: str, to: str, subject: str = "hello", body: str = "text",
+               user: str = "Default", ttl: int = secral.MAX_TTL) -> str:
+        mail_id, actions = self.nodes[name].submit(user, to, subject, body, self.now, ttl=ttl)
+        self.run(name, actions)
+        self.pump()
+        return mail_id
+
+    def status(self, name: str, mail_id: str) -> str:
+        return self.nodes[name].stores.outbox[mail_id]["status"]
+
+    def inbox(self, name: str) -> list[dict]:
+        return list(self.nodes[name].stores.inbox.values())
+
+    def conn_between(self, a: str, b: str) -> int:
+        return next(conn for (n, conn), (other, _) in self.links.items() if n == a and other == b)
+
+    def frames(self, name: str | None = None, type: str | None = None) -> list[dict]:
+        return [f for n, _, f in self.sent if (name is None or n == name)
+                and (type is None or f["type"] == type)]
+
+
+def addr(node: Node, user: str = "Default") -> str:
+    return f"{user}@{node.domain}"
+
+
+# =============================================================================
+# Encoding
+# =============================================================================
+
+def test_canonical_json_sorts_keys_and_drops_whitespace():
+    assert secral.canonical_json({"b": 1, "a": [True, None, "é"]}) == '{"a":[true,null,"é"],"b":1}'.encode()
+
+
+def test_canonical_json_refuses_lone_surrogates():
+    with pytest.raises(RemoteError) as err:
+        secral.canonical_json({"a": "\ud800"})
+    assert err.value.code == "malformed"
+
+
+@pytest.mark.parametrize("line, code", [
+    (b'{"type":"ping","n":1.5}', "malformed"),
+    (b'{"type":"ping","n":1e3}', "malformed"),
+    (b'{"type":"ping","n":9007199254740992}', "malformed"),
+    (b'{"type":"ping","type":"pong"}', "malformed"),
+    (b'{"type":"ping","\xc3\xa9":1}', "malformed"),
+    (b'{"type":"ping","n":NaN}', "not_json"),
+    (b'\xff\xfe', "not_json"),
+    (b'{"type":"ping"', "not_json"),
+    (b'[1,2]', "malformed"),
+    (b'{"type":7}', "malformed"),
+    (b'[' * 50_000, "malformed"),
+])
+def test_decode_frame_rejects(line, code):
+    with pytest.raises(RemoteError) as err:
+        secral.decode_frame(line)
+    assert err.value.code == code
+
+
+def test_decode_frame_line_limit_is_inclusive():
+    pad = secral.MAX_LINE - len(b'{"type":"ping","pad":""}\n')
+    line = b'{"type":"ping","pad":"' + b"a" * pad + b'"}\n'
+    assert len(line) == secral.MAX_LINE
+    assert secral.decode_frame(line)["type"] == "ping"
+    with pytest.raises(RemoteError) as err:
+        secral.decode_frame(line[:-2] + b'a"}\n')
+    assert err.value.code == "too_large"
+
+
+@pytest.mark.parametrize("text, ok", [("QQ==", True), ("QR==", False), ("QQ", False),
+                                      ("Q Q==", False), ("", True), (5, False), ("QQ==\n", False)])
+def test_b64d_is_strict_and_canonical(text, ok):
+    if ok:
+        assert secral.b64e(secral.b64d(text, "x")) == text
+    else:
+        with pytest.raises(RemoteError):
+            secral.b64d(text, "x")
+
+
+def test_check_fields_reports_missing_and_wrong_types():
+    table = {"n": secral.is_int, "s": secral.is_str}
+    assert secral.check_fields({"n": 1, "s": "x", "extra": []}, table, "t")["extra"] == []
+    for bad in ({"s": "x"}, {"n": True, "s": "x"}, {"n": 1, "s": 2}, []):
+        with pytest.raises(RemoteError) as err:
+            secral.check_fields(bad, table, "t")
+        assert err.value.code == "malformed"
+
+
+# =============================================================================
+# Cryptography
+# =============================================================================
+
+def test_identity_pem_round_trip_and_file_mode(tmp_path):
+    path = str(tmp_path / "d" / "node.key")
+    secral.save_identity(key(0), path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert secral.load_identity(path, create=False).domain == key(0).domain
+    assert open(path, "rb").read().startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
+def test_load_identity_creates_key_once(tmp_path):
+    path = str(tmp_path / "node.key")
+    first = secral.load_identity(path)
+    assert secral.load_identity(path).domain == first.domain
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_parse_public_key_accepts_only_canonical_rsa3072_e65537():
+    from Crypto.PublicKey import RSA
+    assert secral.parse_public_key(key(0).public_b64).n == key(0).key.n
+    small = RSA.generate(2048).public_key().export_key("DER")
+    from Crypto.Util.asn1 import DerSequence
+    pkcs1 = DerSequence([key(0).key.n, key(0).key.e]).encode()   # RSAPublicKey, not SPKI
+    for der in (small, pkcs1, b"\x30\x00", key(0).key.export_key("DER")):
+        with pytest.raises(RemoteError) as err:
+            secral.parse_public_key(secral.b64e(der))
+        assert err.value.code in ("bad_key", "malformed")
+
+
+def test_signatures_detect_any_change():
+    signed = key(0).sign({"kind": "test", "n": 1})
+    secral.verify_signed(signed, key(0).key, "t")
+    for tampered in ({**signed, "n": 2}, {**signed, "extra": 0}):
+        with pytest.raises(RemoteError) as err:
+            secral.verify_signed(tampered, key(0).key, "t")
+        assert err.value.code == "bad_signature"
+    with pytest.raises(RemoteError):
+        secral.verify_signed(signed, key(1).key, "t")
+
+
+def test_gcm_refuses_wrong_aad_or_tag():
+    sealed = secral.seal_gcm(b"k" * 32, b"n" * 12, b"secret", b"aad")
+    assert secral.open_gcm(b"k" * 32, b"n" * 12, sealed, b"aad") == b"secret"
+    for args in ((sealed, b"other"), (sealed[:-1] + bytes([sealed[-1] ^ 1]), b"aad"), (b"short", b"aad")):
+        with pytest.raises(RemoteError) as err:
+            secral.open_gcm(b"k" * 32, b"n" * 12, *args)
+        assert err.value.code == "decrypt_failed"
+
+
+# =============================================================================
+# Names and NIS records
+# =============================================================================
+
+def test_domain_is_24_base32_letters_of_the_key_hash():
+    import hashlib
+    digest = hashlib.sha256(key(0).public_der).digest()[:15]
+    expected = "node-" + base64.b32encode(digest).decode().lower()
+    assert key(0).domain == expected and len(expected) == 29
+
+
+@pytest.mark.parametrize("text", ["Default@node-aaaaaaaaaaaaaaaaaaaaaaaa", "a.b-c_9@node-234567234567234567234567",
+                                  "X" * 64 + "@node-aaaaaaaaaaaaaaaaaaaaaaaa"])
+def test_parse_address_valid(text):
+    address = secral.parse_address(text)
+    assert str(address) == text
+
+
+@pytest.mark.parametrize("text", ["Default@node-AAAAAAAAAAAAAAAAAAAAAAAA", "@node-aaaaaaaaaaaaaaaaaaaaaaaa",
+                                  ".x@node-aaaaaaaaaaaaaaaaaaaaaaaa", "x@node-aaaaaaaaaaaaaaaaaaaaaaa1",
+                                  "X" * 65 + "@node-aaaaaaaaaaaaaaaaaaaaaaaa", "a@b@node-aaaaaaaaaaaaaaaaaaaaaaaa",
+                                  "a b@node-aaaaaaaaaaaaaaaaaaaaaaaa", "plain", None])
+def test_parse_address_invalid(text):
+    with pytest.raises(RemoteError) as err:
+        secral.parse_address(text)
+    assert err.value.code == "bad_address"
+
+
+def test_users_compare_case_insensitively():
+    a = secral.parse_address("Alice@node-aaaaaaaaaaaaaaaaaaaaaaaa")
+    assert a.key == secral.parse_address("aLICE@node-aaaaaaaaaaaaaaaaaaaaaaaa").key
+    assert secral.parse_address("core@node-aaaaaaaaaaaaaaaaaaaaaaaa").is_core
+
+
+def test_record_checks():
+    record = secral.make_record(key(0), "127.0.0.1", 7700, 5, NOW + 100)
+    assert secral.verify_record(record, NOW) is record
+    cases = [
+        (NOW + 100, {"host": "10.0.0.1"}, "bad_signature"),
+        (NOW + 100, {"domain": key(1).domain}, "bad_domain"),
+        (NOW + 200, {}, "expired"),
+        (NOW + 100, {"port": 0}, "malformed"),
+        (NOW + 100, {"kind": "mail"}, "malformed"),
+        (NOW + 100, {"key": key(1).public_b64}, "bad_domain"),
+    ]
+    for when, change, code in cases:
+        with pytest.raises(RemoteError) as err:
+            secral.verify_record({**record, **change}, when if code == "expired" else NOW)
+        assert err.value.code == code, change
+    far = secral.make_record(key(0), None, 0, 1, NOW + secral.MAX_RECORD_LIFETIME + 1)
+    with pytest.raises(RemoteError) as err:
+        secral.verify_record(far, NOW)
+    assert err.value.code == "bad_ttl"
+
+
+def test_record_supersedes_only_with_higher_seq():
+    old = secral.make_record(key(0), None, 0, 5, NOW + 100)
+    assert secral.record_supersedes({**old, "seq": 6}, old)
+    assert not secral.record_supersedes({**old, "seq": 5}, old)
+    assert not secral.record_supersedes({**old, "seq": 4}, old)
+    assert secral.record_supersedes(old, None)
+
+
+# =============================================================================
+# Protocol objects
+# =============================================================================
+
+def sealed(sender: int = 0, recipient: int = 1, now: int = NOW, **kw) -> dict:
+    args = dict(subject="Subject", body="Body", ttl=3600)
+    args.update(kw)
+    return secral.seal_mail(key(sender), Address("Default", key(sender).domain),
+                            Address("Default", key(recipient).domain), key(recipient).public_b64,
+                            args["subject"], args["body"], now, args["ttl"])
+
+
+def test_seal_verify_open_round_trip():
+    mail = sealed(body="héllo ✉\n" * 10)
+    assert secral.verify_mail(mail, NOW) is mail
+    plain = secral.open_mail(key(1), mail)
+    assert plain == {"from": mail["from"], "to": mail["to"], "subject": "Subject", "body": "héllo ✉\n" * 10}
+
+
+def test_relays_see_no_plaintext():
+    mail = sealed(subject="attack at dawn", body="the password is swordfish")
+    wire = secral.encode_frame({"type": "mail", "hops": 8, "mail": mail})
+    assert b"dawn" not in wire and b"swordfish" not in wire
+
+
+@pytest.mark.parametrize("change, code", [
+    ({"ct": None}, "malformed"),
+    ({"id": "ABC"}, "malformed"),
+    ({"kind": "ack"}, "malformed"),
+    ({"from": "Default@node-aaaaaaaaaaaaaaaaaaaaaaaa"}, "bad_domain"),
+    ({"from_key": None}, "bad_domain"),
+    ({"created": NOW + 601, "expires": NOW + 700}, "future"),
+    ({"expires": NOW + secral.MAX_TTL + 1}, "bad_ttl"),
+    ({"expires": NOW}, "bad_ttl"),
+    ({"nonce": "AAAA"}, "malformed"),
+    ({"to": "bob@node-aaaaaaaaaaaaaaaaaaaaaaaa"}, "bad_signature"),
+])
+def test_verify_mail_rejects(change, code):
+    mail = sealed()
+    if change.get("from_key", 1) is None:
+        change = {"from_key": key(2).public_b64}
+    mail = {**mail, **change}
+    if change.get("ct", 1) is None:
+        del mail["ct"]
+    with pytest.raises(RemoteError) as err:
+        secral.verify_mail(mail, NOW)
+    assert err.value.code == code
+
+
+def test_verify_mail_expiry_uses_the_local_clock():
+    mail = sealed(ttl=60)
+    secral.verify_mail(mail, NOW + 59)
+    with pytest.raises(RemoteError) as err:
+        secral.verify_mail(mail, NOW + 60)
+    assert err.value.code == "expired"
+    secral.verify_mail(sealed(now=NOW + 600), NOW)      # ten minutes of skew are fine
+
+
+def test_open_mail_refuses_other_recipients_and_mismatched_content():
+    with pytest.raises(RemoteError) as err:
+        secral.open_mail(key(2), sealed())
+    assert err.value.code == "wrong_recipient"
+    # The sender encrypts to a key that is not the recipient's: signed, unreadable.
+    mail = secral.seal_mail(key(0), Address("Default", key(0).domain), Address("Default", key(2).domain),
+                            key(2).public_b64, "s", "b", NOW)
+    forged = key(0).sign({**mail, "to": f"Default@{key(1).domain}"})
+    with pytest.raises(RemoteError) as err:
+        secral.open_mail(key(1), forged)
+    assert err.value.code == "decrypt_failed"
+
+
+def test_limits_have_their_own_codes():
+    with pytest.raises(RemoteError) as err:
+        sealed(subject="s" * 257)
+    assert err.value.code == "too_large"
+    with pytest.raises(RemoteError) as err:
+        sealed(body="b" * (secral.MAX_BODY + 1))
+    assert err.value.code == "too_large"
+    mail = sealed(subject="s" * 256, body="é" * (secral.MAX_BODY // 2))
+    assert len(secral.encode_frame({"type": "mail", "hops": 8, "mail": mail})) < secral.MAX_LINE
+    with pytest.raises(RemoteError) as err:
+        sealed(subject="line\nbreak")
+    assert err.value.code == "malformed"
+
+
+def test_ack_round_trip_and_checks():
+    mail = sealed()
+    ack = secral.make_ack(key(1), mail, "delivered", "", NOW)
+    assert secral.verify_ack(ack, NOW) is ack
+    assert ack["to"] == f"Core@{key(0).domain}" and ack["from"] == f"Core@{key(1).domain}"
+    for change, code in [({"status": "maybe"}, "malformed"), ({"from_key": key(2).public_b64}, "bad_domain"),
+                         ({"from": f"Default@{key(1).domain}"}, "bad_address"),
+                         ({"reason": "x" * 300}, "too_large"), ({"id": "1" * 32}, "bad_signature")]:
+        with pytest.raises(RemoteError) as err:
+            secral.verify_ack({**ack, **change}, NOW)
+        assert err.value.code == code, change
+    with pytest.raises(RemoteError) as err:
+        secral.verify_ack(ack, NOW + secral.ack_lifetime())
+    assert err.value.code == "expired"
+
+
+def test_auth_binds_the_nonce_and_both_domains():
+    nonce = secral.b64e(b"n" * 16)
+    record = secral.make_record(key(0), None, 0, 1, NOW + 100)
+    auth = secral.make_auth(key(0), nonce, key(1).domain)
+    secral.verify_auth(auth, record, nonce, key(1).domain)
+    for args in ((record, secral.b64e(b"m" * 16), key(1).domain),     # replayed elsewhere
+                 (record, nonce, key(2).domain),                        # relayed to a third node
+                 (secral.make_record(key(2), None, 0, 1, NOW + 100), nonce, key(1).domain)):  # wrong key
+        with pytest.raises(RemoteError) as err:
+            secral.verify_auth(auth, *args)
+        assert err.value.code == "bad_signature"
+
+
+@pytest.mark.parametrize("frame, code", [
+    ({"type": "teleport"}, "unknown_type"),
+    ({"type": "mail", "hops": 9, "mail": {}}, "bad_hops"),
+    ({"type": "mail", "hops": -1, "mail": {}}, "bad_hops"),
+    ({"type": "mail", "hops": "8", "mail": {}}, "malformed"),
+    ({"type": "mail", "mail": {}}, "malformed"),
+    ({"type": "nis_query", "qid": "0" * 32, "domain": "node-x", "hops": 1}, "bad_domain"),
+    ({"type": "nis_query", "qid": "0" * 32, "domain": "node-" + "a" * 24, "hops": 4}, "bad_hops"),
+    ({"type": "hello", "v": 1, "record": {}, "nonce": "", "agent": "a" * 200}, "too_large"),
+    ({"type": "peers", "records": {}}, "malformed"),
+])
+def test_verify_frame_rejects(frame, code):
+    with pytest.raises(RemoteError) as err:
+        secral.verify_frame(frame)
+    assert err.value.code == code
+
+
+# =============================================================================
+# Routing core: cores linked without sockets
+# =============================================================================
+
+def two_nodes(**config) -> tuple[Wire, Node, Node]:
+    wire = Wire()
+    a, b = wire.add("a", key(0), **config), wire.add("b", key(1), **config)
+    wire.connect("a", "b")
+    return wire, a, b
+
+
+def test_handshake_opens_both_sides():
+    wire, a, b = two_nodes()
+    assert list(a.open) == [b.domain] and list(b.open) == [a.domain]
+    assert a.open[b.domain].outbound and not b.open[a.domain].outbound
+    assert {(n, e.name) for n, e in wire.events} >= {("a", "peer_open"), ("b", "peer_open")}
+    assert a.known_record(b.domain, wire.now) == b.record      # hello teaches the record
+
+
+def test_direct_delivery_is_stored_then_acked():
+    wire, a, b = two_nodes()
+    mail_id = wire.submit("a", addr(b), "Hi", "There")
+    assert wire.status("a", mail_id) == "delivered"
+    [entry] = wire.inbox("b")
+    assert (entry["subject"], entry["body"], entry["user"]) == ("Hi", "There", "default")
+    assert entry["ack"]["status"] == "delivered"
+    # The ack was created after the inbox write: the inbox entry carries it.
+    acks = wire.frames("b", "ack")
+    assert acks and acks[0]["ack"] == entry["ack"]
+
+
+def test_mail_to_unknown_user_is_rejected_with_a_signed_ack():
+    wire, a, b = two_nodes()
+    mail_id = wire.submit("a", addr(b, "nobody"))
+    entry = a.stores.outbox[mail_id]
+    assert (entry["status"], entry["reason"]) == ("rejected", "no_such_user")
+    assert wire.inbox("b") == []
+
+
+def test_mail_to_core_is_rejected():
+    wire, a, b = two_nodes()
+    assert wire.status("a", wire.submit("a", addr(b, "Core"))) == "rejected"
+
+
+def test_user_addresses_are_case_insensitive():
+    wire, a, b = two_nodes()
+    assert wire.status("a", wire.submit("a", addr(b, "DEFAULT"))) == "delivered"
+
+
+def test_relay_carries_mail_and_ack_and_forgets_its_copy():
+    wire = Wire()
+    a, r, b = wire.add("a", key(0)), wire.add("r", key(2)), wire.add("b", key(1))
+    wire.connect("a", "r")
+    wire.connect("r", "b")
+    a.learn_record(b.record, wire.now)              # A knows B's key but cannot dial it
+    mail_id = wire.submit("a", addr(b), "via relay", "body")
+    assert wire.status("a", mail_id) == "delivered"
+    assert [e["subject"] for e in wire.inbox("b")] == ["via relay"]
+    assert dict(r.stores.relay.items()) == {k: v for k, v in r.stores.relay.items() if v["kind"] == "ack"}
+    assert all(b"via relay" not in json.dumps(v).encode() for v in r.stores.relay.values())
+
+
+def test_offline_recipient_gets_stored_mail_when_it_connects():
+    wire = Wire()
+    a, r, b = wire.add("a", key(0)), wire.add("r", key(2)), wire.add("b", key(1))
+    a.learn_record(b.record, wire.now)
+    wire.connect("a", "r")
+    mail_id = wire.submit("a", addr(b), "later", "body")
+    assert wire.status("a", mail_id) == "sent"
+    assert any(v["kind"] == "mail" for v in r.stores.relay.values())
+    wire.stop("a")                                  # the sender goes away
+    wire.advance(86_400, step=600)                  # a day later ...
+    wire.down.discard("a")
+    wire.connect("b", "r")                          # ... the recipient appears
+    assert [e["subject"] for e in wire.inbox("b")] == ["later"]
+    assert not any(v["kind"] == "mail" for v in r.stores.relay.values())
+    wire.connect("a", "r")                          # the sender returns and learns the news
+    assert wire.status("a", mail_id) == "delivered"
+
+
+def test_duplicate_mail_is_acked_again_not_stored_twice():
+    wire, a, b = two_nodes()
+    mail_id = wire.submit("a", addr(b))
+    mail = a.stores.outbox[mail_id]["mail"]
+    first_ack = b.stores.inbox[secral.mail_key(a.domain, mail_id)]["ack"]
+    wire.disconnect("a", "b")
+    wire.connect("a", "b")                          # a new connection may carry it again
+    conn = wire.conn_between("a", "b")
+    before = len(wire.frames("b", "ack"))
+    wire.run("a", [Send(conn, {"type": "mail", "hops": 8, "mail": mail})])
+    wire.pump()
+    assert len(wire.inbox("b")) == 1
+    assert wire.frames("b", "ack")[before:][0]["ack"] == first_ack   # the same signed ack
+
+
+def test_same_object_twice_on_one_connection_is_penalised():
+    wire, a, b = two_nodes()
+    mail = sealed(0, 1)
+    conn = wire.conn_between("a", "b")
+    wire.run("a", [Send(conn, {"type": "mail", "hops": 8, "mail": mail})] * 2)
+    wire.pump()
+    assert b.score(a.domain, wire.now) == 1 - 5     # +1 for the mail, -5 for the repeat
+
+
+def test_sender_retransmits_on_new_connections_until_acked():
+    wire = Wire()
+    a, r, b = wire.add("a", key(0)), wire.add("r", key(2)), wire.add("b", key(1))
+    a.learn_record(b.record, wire.now)
+    mail_id = wire.submit("a", addr(b))
+    assert wire.status("a", mail_id) == "queued"    # nobody to give it to
+    wire.connect("a", "r")
+    assert wire.status("a", mail_id) == "sent"
+    wire.connect("r", "b")
+    assert wire.status("a", mail_id) == "delivered"
+
+
+def test_unacked_mail_expires_and_the_sender_sees_it():
+    wire = Wire()
+    a, r, b = wire.add("a", key(0)), wire.add("r", key(2)), wire.add("b", key(1))
+    a.learn_record(b.record, wire.now)
+    wire.connect("a", "r")
+    mail_id = wire.submit("a", addr(b), ttl=3600)
+    wire.advance(3600 + secral.SWEEP_SECONDS, step=60)
+    assert wire.status("a", mail_id) == "expired"
+    assert not r.stores.relay and not r.items       # the relay dropped its copy too
+
+
+def test_mail_to_self_is_delivered_locally():
+    wire = Wire()
+    a = wire.add("a", key(0))
+    assert wire.status("a", wire.submit("a", addr(a))) == "delivered"
+    assert len(wire.inbox("a")) == 1
+
+
+def test_sender_dials_the_recipient_directly_when_its_record_has_a_host():
+    wire = Wire()
+    a, r, b = wire.add("a", key(0), port=7700), wire.add("r", key(2)), wire.add("b", key(1), port=7700)
+    wire.connect("a", "r")
+    a.learn_record(b.record, wire.now)
+    mail_id = wire.submit("a", addr(b))
+    assert wire.status("a", mail_id) == "delivered"
+    assert [d.domain for n, d in wire.dials if n == "a"] == [b.domain]
+    assert not r.stores.relay                       # no relay was involved
+
+
+def test_direct_dial_failure_falls_back_to_relaying():
+    wire = Wire()
+    a, r, b = wire.add("a", key(0)), wire.add("r", key(2)), wire.add("b", key(1), port=7700)
+    wire.connect("a", "r")
+    wire.connect("r", "b")
+    a.learn_record(b.record, wire.now)
+    wire.down.add("b")                              # dialling B fails ...
+    mail_id = wire.submit("a", addr(b))
+    wire.down.discard("b")
+    assert wire.status("a", mail_id) == "delivered"  # ... so R carried it
+
+
+def test_unknown_recipient_key_is_looked_up_first():
+    wire = Wire()
+    a, r, b = wire.add("a", key(0)), wire.add("r", key(2)), wire.add("b", key(1))
+    wire.connect("a", "r")
+    wire.connect("r", "b")
+    assert a.known_record(b.domain, wire.now) is None
+    mail_id = wire.submit("a", addr(b))
+    assert wire.frames("a", "nis_query")
+    assert wire.status("a", mail_id) == "delivered"
+
+
+def test_hops_limit_flooding():
+    wire = Wire()
+    names = [f"n{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        wire.add(name, key(i))
+    for x, y in zip(names, names[1:]):
+        wire.connect(x, y)
+    first, last = wire.nodes["n0"], wire.nodes["n11"]
+    first.learn_record(last.record, wire.now)
+    mail_id = wire.submit("n0", addr(last))
+    # 8 relay steps after the first link: n0 -> n1 (8) ... -> n9 (0); n9 passes nothing on.
+    assert wire.status("n0", mail_id) == "sent"
+    assert any(k.startswith("mail/") for k in wire.nodes["n8"].stores.relay.keys())
+    assert not any(k.startswith("mail/") for k in wire.nodes["n9"].stores.relay.keys())
+    assert not wire.inbox("n11")
+
+
+def test_self_connection_is_refused():
+    wire = Wire()
+    wire.add("a", key(0))
+    wire.nodes["a2"] = wire.nodes["a"]
+    wire.connect("a", "a2")
+    assert not wire.nodes["a"].open
+    assert any(reason == "self_connection" for _, _, reason in wire.closed)
+
+
+def test_duplicate_connections_keep_the_one_dialled_by_the_smaller_domain():
+    wire, a, b = two_nodes()
+    wire.connect("b", "a")                          # the other direction as well
+    small = min(a.domain, b.domain)
+    for node, other in ((a, b), (b, a)):
+        peer = node.open[other.domain]
+        dialler = node.domain if peer.outbound else other.domain
+        assert dialler == small
+    assert any(reason == "duplicate_connection" for _, _, reason in wire.closed)
+
+
+def test_peer_presenting_someone_elses_record_fails_auth():
+    wire = Wire()
+    a, b = wire.add("a", key(0)), wire.add("b", key(1))
+    conn = 99
+    wire.run("a", a.connection_made(conn, "10.6.6.6", wire.now))
+    hello = secral.make_hello(b.record, b"x" * 16)   # B's record, but we hold key 2
+    a.line_received(conn, secral.encode_frame(hello), wire.now)
+    nonce = a.peers[conn].nonce
+    forged = secral.make_auth(key(2), nonce, a.domain)
+    actions = a.line_received(conn, secral.encode_frame(forged), wire.now)
+    assert any(isinstance(x, Close) for x in actions)
+    assert any(isinstance(x, Send) and x.frame.get("code") == "bad_signature" for x in actions)
+    assert not a.open
+    assert a.reputation.score("ip:10.6.6.6", NOW) == -25
+
+
+def test_frames_before_the_handshake_disconnect():
+    wire = Wire()
+    a = wire.add("a", key(0))
+    wire.run("a", a.connection_made(5, "10.6.6.7", wire.now))
+    actions = a.line_received(5, b'{"type":"mail","hops":1,"mail":{}}\n', wire.now)
+    assert any(isinstance(x, Close) for x in actions)
+    assert a.reputation.score("ip:10.6.6.7", NOW) == -50
+
+
+def test_handshake_timeout():
+    wire = Wire()
+    a = wire.add("a", key(0))
+    wire.run("a", a.connection_made(5, "10.6.6.8", wire.now))
+    wire.advance(secral.HANDSHAKE_TIMEOUT + 1)
+    assert any(conn == 5 and reason == "timeout" for _, conn, reason in wire.closed)
+
+
+def test_forged_mail_is_refused_while_good_mail_flows():
+    wire = Wire()
+    a, r, b = wire.add("a", key(0)), wire.add("r", key(2)), wire.add("b", key(1))
+    wire.connect("a", "r")
+    wire.connect("r", "b")
+    a.learn_record(b.record, wire.now)
+    conn = wire.conn_between("a", "r")
+    good = sealed(0, 1)
+    forged = {**good, "id": "f" * 32}                      # signature no longer matches
+    stolen = {**sealed(2, 1), "from": f"Default@{a.domain}"}   # claims to be A
+    for bad in (forged, stolen):
+        wire.run("a", [Send(conn, {"type": "mail", "hops": 8, "mail": bad})])
+    wire.pump()
+    assert not any(k.endswith("f" * 32) for k in r.stores.relay.keys())
+    assert r.score(a.domain, wire.now) == -50
+    mail_id = wire.submit("a", addr(b), "still works")
+    assert wire.status("a", mail_id) == "delivered"
+
+
+def test_rate_limit_drops_frames_and_costs_reputation():
+    wire, a, b = two_nodes(rate=10, burst=5)
+    conn = wire.conn_between("b", "a")
+    free = int(a.open[b.domain].tokens)            # what the handshake left of the burst
+    assert free < 5
+    for _ in range(8):
+        wire.inject("a", wire.links[("b", conn)][1], b'{"type":"ping"}\n')
+    assert a.score(b.domain, wire.now) == -2 * (8 - free)
+    assert len([f for f in wire.frames("a", "pong")]) == free
+    wire.now += 1                                   # ten more tokens a second later
+    wire.inject("a", wire.links[("b", conn)][1], b'{"type":"ping"}\n')
+    assert len([f for f in wire.frames("a", "pong")]) == free + 1
+
+
+def test_misbehaving_peer_is_banned_at_minus_100():
+    wire, a, b = two_nodes()
+    conn = wire.links[("b", wire.conn_between("b", "a"))][1]
+    for _ in range(5):
+        wire.inject("a", conn, b"garbage\n")
+    assert b.domain not in a.open
+    assert any(e.name == "banned" for n, e in wire.events if n == "a")
+    assert a.reputation.banned(f"domain:{b.domain}", NOW)
+    assert a.reputation.banned("ip:ip-b", NOW)
+    # It cannot come back while banned, by address or by name.
+    wire.connect("b", "a")
+    assert b.domain not in a.open
+
+
+def test_ban_length_doubles_and_scores_decay():
+    rep = secral.Reputation({})
+    until = rep.ban("ip:1.2.3.4", NOW)
+    assert until == NOW + secral.BAN_SECONDS
+    assert rep.ban("ip:1.2.3.4", until) == until + 2 * secral.BAN_SECONDS
+    rep.change("domain:x", -30, NOW)
+    assert rep.score("domain:x", NOW + 10 * secral.DECAY_SECONDS) == -20
+    assert rep.score("domain:x", NOW + 100 * secral.DECAY_SECONDS) == 0
+    rep.change("domain:y", 500, NOW)
+    assert rep.score("domain:y", NOW) == secral.SCORE_MAX
+
+
+def test_reputation_persists_through_its_store():
+    store = {}
+    rep = secral.Reputation(store)
+    rep.change("domain:x", -42, NOW)
+    rep.ban("ip:9.9.9.9", NOW)
+    rep.flush(NOW)
+    again = secral.Reputation(store)
+    assert again.score("domain:x", NOW) == -42 and again.banned("ip:9.9.9.9", NOW)
+
+
+def test_relay_quota_refuses_with_an_error_frame():
+    wire = Wire()
+    a = wire.add("a", key(0))
+    r = wire.add("r", key(2), origin_max_items=2)
+    b = wire.add("b", key(1))
+    wire.connect("a", "r")
+    a.learn_record(b.record, wire.now)
+    ids = [wire.submit("a", addr(b), f"m{i}") for i in range(3)]
+    assert len([k for k in r.stores.relay.keys() if k.startswith("mail/")]) == 2
+    refusals = [f for f in wire.frames("r", "error") if f["code"] == "quota_exceeded"]
+    assert [f["ref"] for f in refusals] == [ids[2]]
+    assert r.score(a.domain, wire.now) == 2        # a refusal is not the sender's fault
+    wire.connect("r", "b")                          # space frees up; the retry gets through
+    wire.advance(secral.RETRY_FIRST * 4, step=5)
+    assert [wire.status("a", i) for i in ids] == ["delivered"] * 3
+
+
+def test_nis_lookup_over_a_chain_of_five():
+    wire = Wire()
+    names = [f"n{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        wire.add(name, key(i))
+    for x, y in zip(names, names[1:]):
+        wire.connect(x, y)
+    asker, owner = wire.nodes["n0"], wire.nodes["n4"]
+    record, actions = asker.lookup(owner.domain, wire.now)
+    assert record is None
+    wire.run("n0", actions)
+    wire.pump()
+    results = [e.data for n, e in wire.events if n == "n0" and e.name == "nis_result"]
+    assert results and results[0]["record"] == owner.record
+    assert asker.known_record(owner.domain, wire.now) == owner.record
+
+
+def test_nis_lookup_times_out_with_not_found():
+    wire, a, b = two_nodes()
+    record, actions = a.lookup("node-" + "a" * 24, wire.now)
+    wire.run("a", actions)
+    wire.advance(secral.NIS_TIMEOUT + 1)
+    results = [e.data for n, e in wire.events if n == "a" and e.name == "nis_result"]
+    assert results == [{"domain": "node-" + "a" * 24, "record": None}]
+
+
+def test_forged_nis_answer_is_penalised_and_the_true_one_wins():
+    wire = Wire()
+    a, liar, honest, owner = (wire.add(n, key(i)) for i, n in enumerate(["a", "liar", "honest", "owner"]))
+    wire.connect("a", "liar")
+    wire.connect("a", "honest")
+    wire.connect("honest", "owner")
+    record, actions = a.lookup(owner.domain, wire.now)
+    qid = next(x.frame["qid"] for x in actions if isinstance(x, Send))
+    wire.run("a", actions)
+    # The liar answers first with a record for the domain signed by its own key.
+    fake = secral.make_record(key(1), "6.6.6.6", 666, 10**9, int(wire.now) + 100)
+    fake = key(1).sign({**fake, "domain": owner.domain})
+    conn = wire.links[("liar", wire.conn_between("liar", "a"))][1]
+    a_actions = a.line_received(conn, secral.encode_frame(
+        {"type": "nis_answer", "qid": qid, "record": fake}), wire.now)
+    wire.run("a", a_actions)
+    wire.pump()
+    assert a.known_record(owner.domain, wire.now) == owner.record
+    assert a.score(liar.domain, wire.now) < 0
+    assert a.score(honest.domain, wire.now) > 0
+
+
+def test_fresher_records_replace_older_ones_and_spread():
+    wire = Wire()
+    a, b, c = wire.add("a", key(0)), wire.add("b", key(1)), wire.add("c", key(2), port=7000)
+    wire.connect("a", "b")
+    wire.connect("b", "c")
+    a.learn_record(c.record, wire.now)
+    old_seq = c.record["seq"]
+    c.config.port = 7001                            # c moved
+    c.refresh_record(wire.now + 5)
+    wire.run("c", c._take())
+    wire.pump()
+    assert c.record["seq"] > old_seq
+    assert b.known_record(c.domain, wire.now)["port"] == 7001
+    assert a.known_record(c.domain, wire.now)["port"] == 7001
+
+
+def test_record_is_resigned_before_it_expires():
+    wire = Wire()
+    a = wire.add("a", key(0))
+    first = a.record
+    wire.advance(secral.RECORD_LIFETIME - secral.RECORD_REFRESH + 10, step=3600)
+    assert a.record["seq"] > first["seq"] and a.record["expires"] > first["expires"]
+
+
+def test_peer_exchange_teaches_addresses_and_the_node_dials_them():
+    wire = Wire()
+    a = wire.add("a", key(0), port=7000)
+    b = wire.add("b", key(1), port=7000)
+    c = wire.add("c", key(2), port=7000)
+    wire.connect("b", "c")
+    wire.connect("a", "b")
+    wire.advance(secral.MAINTAIN_SECONDS + 1)
+    assert c.domain in a.stores.peers and c.domain in a.open
+
+
+def test_random_frames_never_raise_anything_but_handled_errors():
+    """A small fuzzer over decode_frame and every handler (issue 6 adds more)."""
+    wire, a, b = two_nodes()
+    conn = wire.links[("b", wire.conn_between("b", "a"))][1]
+    rng = random.Random(1)
+    good = [secral.encode_frame(f) for f in wire.frames()]
+    for _ in range(300):
+        line = bytearray(rng.choice(good))
+        for _ in range(rng.randint(1, 4)):
+            line[rng.randrange(len(line))] = rng.randrange(256)
+        a.peers.get(conn) and a.line_received(conn, bytes(line), wire.now)
