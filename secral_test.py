@@ -530,6 +530,187 @@ def test_verify_frame_rejects(frame, code):
 
 
 # =============================================================================
+# Test vectors (spec/vectors/) and interoperability
+# =============================================================================
+
+def vector_keys() -> dict[str, Identity]:
+    with open(os.path.join(VECTORS, "keys.json")) as f:
+        return {k["name"]: Identity.from_pem(k["private_pem"]) for k in json.load(f)["keys"]}
+
+
+def vector_files() -> list[str]:
+    return sorted(f for f in os.listdir(VECTORS) if f.endswith(".json") and f != "keys.json")
+
+
+class Script:
+    def __init__(self, *values: bytes):
+        self.values = list(values)
+
+    def __call__(self, n: int) -> bytes:
+        value = self.values.pop(0)
+        assert len(value) == n
+        return value
+
+
+def attempt(fn) -> tuple[str, object]:
+    try:
+        return "ok", fn()
+    except RemoteError as exc:
+        return exc.code, None
+
+
+def run_vector(v: dict, keys: dict[str, Identity]) -> str:
+    """Carry out one vector's op; assert its outputs; return the outcome code."""
+    op = v["op"]
+    if op == "decode_frame":
+        if "line" in v:
+            line = v["line"].encode()
+        elif "line_hex" in v:
+            line = bytes.fromhex(v["line_hex"])
+        else:
+            line = (v["line_prefix"] + v["repeat"] * v["count"] + v["line_suffix"]).encode()
+            assert len(line) == v["length"]
+        code, frame = attempt(lambda: secral.canonical_json(secral.decode_frame(line)))
+        if code == "ok" and "canonical" in v:  # (the 256 KiB line has no copy of itself)
+            assert frame.decode() == v["canonical"]
+        return code
+    if op == "base64_decode":
+        code, data = attempt(lambda: secral.b64d(v["text"], "value"))
+        if code == "ok":
+            assert data.hex() == v["bytes_hex"]
+        return code
+    if op == "domain_of_key":
+        code, domain = attempt(lambda: secral.domain_of_key(v["key"]))
+        if code == "ok":
+            assert domain == v["domain"]
+        return code
+    if op == "parse_address":
+        code, a = attempt(lambda: secral.parse_address(v["address"]))
+        if code == "ok":
+            assert (a.user, a.domain, a.key) == (v["user"], v["domain"], v["folded"])
+        return code
+    if op == "verify_record":
+        return attempt(lambda: secral.verify_record(v["record"], v["now"]))[0]
+    if op == "record_supersedes":
+        assert secral.record_supersedes(v["new"], v["old"]) is v["result"]
+        return "ok"
+    if op == "seal_mail":
+        r = v["random"]
+        rng = Script(*(bytes.fromhex(r[n]) for n in ("id_hex", "aes_key_hex", "nonce_hex", "oaep_seed_hex",
+                                                     "pss_salt_hex")))
+        mail = secral.seal_mail(keys[v["sender"]], secral.parse_address(v["from"]), secral.parse_address(v["to"]),
+                                keys[v["recipient_key"]].public_b64, v["subject"], v["body"], v["created"],
+                                v["ttl"], rng)
+        assert mail == v["mail"]
+        return "ok"
+    if op == "verify_mail":
+        return attempt(lambda: secral.verify_mail(v["mail"], v["now"]))[0]
+    if op == "open_mail":
+        code, plain = attempt(lambda: secral.open_mail(keys[v["recipient"]], secral.verify_mail(v["mail"], v["now"])))
+        if code == "ok":
+            assert plain == v["plaintext"]
+        return code
+    if op == "make_ack":
+        ack = secral.make_ack(keys[v["signer"]], v["mail"], v["status"], v["reason"], v["created"],
+                              Script(bytes.fromhex(v["pss_salt_hex"])))
+        assert ack == v["ack"]
+        return "ok"
+    if op == "verify_ack":
+        return attempt(lambda: secral.verify_ack(v["ack"], v["now"]))[0]
+    if op == "make_auth":
+        statement = secral.auth_statement(v["peer_nonce"], keys[v["signer"]].domain, v["peer_domain"])
+        assert secral.canonical_json(statement).decode() == v["statement"]
+        auth = secral.make_auth(keys[v["signer"]], v["peer_nonce"], v["peer_domain"],
+                                Script(bytes.fromhex(v["pss_salt_hex"])))
+        assert auth == v["auth"]
+        assert secral.verify_frame(v["hello"]) and secral.verify_record(v["hello"]["record"], NOW)
+        return "ok"
+    if op == "verify_auth":
+        return attempt(lambda: secral.verify_auth(v["auth"], v["record"], v["own_nonce"], v["own_domain"]))[0]
+    if op == "verify_frame":
+        return attempt(lambda: secral.verify_frame(v["frame"]))[0]
+    raise AssertionError(f"unknown op {op}")
+
+
+@pytest.mark.parametrize("name", vector_files())
+def test_vector_file(name):
+    keys = vector_keys()
+    with open(os.path.join(VECTORS, name), encoding="utf-8") as f:
+        data = json.load(f)
+    assert data["file"] == name and data["vectors"]
+    allowed = {"ok", *secral.ERROR_CODES}
+    for i, v in enumerate(data["vectors"]):
+        assert v["expect"] in allowed, (name, i)
+        assert run_vector(v, keys) == v["expect"], (name, i, v["comment"])
+
+
+def test_vectors_cover_every_op_and_many_codes():
+    ops, codes = set(), set()
+    for name in vector_files():
+        for v in json.load(open(os.path.join(VECTORS, name), encoding="utf-8"))["vectors"]:
+            ops.add(v["op"])
+            codes.add(v["expect"])
+    assert {"seal_mail", "open_mail", "verify_mail", "make_ack", "verify_ack", "verify_record",
+            "verify_auth", "verify_frame", "decode_frame", "domain_of_key", "parse_address"} <= ops
+    assert {"bad_signature", "malformed", "expired", "too_large", "bad_domain", "decrypt_failed",
+            "mismatch", "future", "bad_ttl", "bad_key", "bad_address", "wrong_recipient", "not_json",
+            "unknown_type", "bad_hops"} <= codes
+
+
+def test_vectors_regenerate_byte_for_byte():
+    result = subprocess.run([sys.executable, os.path.join(VECTORS, "generate.py"), "--check"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_interop_an_independent_library_opens_and_verifies_a_sealed_mail():
+    """The constructions are the standard ones: `cryptography` (OpenSSL) checks
+    the signature, unwraps the key and decrypts, knowing only PROTOCOL.md."""
+    crypto = pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    import hashlib
+    keys = vector_keys()
+    mail = sealed(0, 1, subject="interop ✓", body="opened by OpenSSL")
+    sender_pub = serialization.load_der_public_key(base64.b64decode(mail["from_key"]))
+    unsigned = {k: v for k, v in mail.items() if k != "sig"}
+    message = json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    sender_pub.verify(base64.b64decode(mail["sig"]), message,
+                      padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+    domain = "node-" + base64.b32encode(hashlib.sha256(base64.b64decode(mail["from_key"])).digest()[:15]).decode().lower()
+    assert mail["from"].endswith("@" + domain)
+    private = serialization.load_pem_private_key(key(1).to_pem(), None)
+    aes_key = private.decrypt(base64.b64decode(mail["key"]),
+                              padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None))
+    aad = json.dumps({k: mail[k] for k in ("created", "expires", "from", "id", "to")},
+                     sort_keys=True, separators=(",", ":")).encode()
+    plain = json.loads(AESGCM(aes_key).decrypt(base64.b64decode(mail["nonce"]), base64.b64decode(mail["ct"]), aad))
+    assert plain == {"from": mail["from"], "to": mail["to"], "subject": "interop ✓", "body": "opened by OpenSSL"}
+    # And the other way round: OpenSSL seals, Secral opens.
+    recipient_pub = serialization.load_der_public_key(key(1).public_der)
+    aes_key, nonce = os.urandom(32), os.urandom(12)
+    theirs = {"kind": "mail", "id": os.urandom(16).hex(), "from": f"Default@{key(0).domain}",
+              "to": f"Default@{key(1).domain}", "from_key": key(0).public_b64, "created": NOW, "expires": NOW + 60}
+    inner = json.dumps({"from": theirs["from"], "to": theirs["to"], "subject": "s", "body": "from OpenSSL"},
+                       separators=(",", ":")).encode()
+    aad = json.dumps({k: theirs[k] for k in ("created", "expires", "from", "id", "to")},
+                     sort_keys=True, separators=(",", ":")).encode()
+    theirs["ct"] = base64.b64encode(AESGCM(aes_key).encrypt(nonce, inner, aad)).decode()
+    theirs["nonce"] = base64.b64encode(nonce).decode()
+    theirs["key"] = base64.b64encode(recipient_pub.encrypt(
+        aes_key, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None))).decode()
+    signer = serialization.load_pem_private_key(key(0).to_pem(), None)
+    message = json.dumps(theirs, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    theirs["sig"] = base64.b64encode(signer.sign(message, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+                                                 hashes.SHA256())).decode()
+    assert secral.open_mail(key(1), secral.verify_mail(theirs, NOW))["body"] == "from OpenSSL"
+    assert keys                                 # the vector keys load with the same library too
+    for identity in keys.values():
+        serialization.load_pem_private_key(identity.to_pem(), None)
+
+
+# =============================================================================
 # Routing core: cores linked without sockets
 # =============================================================================
 
@@ -947,3 +1128,297 @@ def test_random_frames_never_raise_anything_but_handled_errors():
         for _ in range(rng.randint(1, 4)):
             line[rng.randrange(len(line))] = rng.randrange(256)
         a.peers.get(conn) and a.line_received(conn, bytes(line), wire.now)
+
+
+# =============================================================================
+# Network shell: real sockets on 127.0.0.1
+# =============================================================================
+
+def eventually(predicate, timeout: float = 20, interval: float = 0.05):
+    """Poll until predicate() is truthy; fail with a clear message after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {predicate.__doc__ or predicate}")
+        time.sleep(interval)
+
+
+class LiveNode:
+    """A NodeShell in this process, listening on 127.0.0.1 with port 0."""
+
+    def __init__(self, base, index: int, peers=(), advertise: bool = True, **config):
+        self.data_dir = os.path.join(str(base), f"node{index}")
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.identity = seed_key(self.data_dir, index)
+        self.domain = self.identity.domain
+        self.config = Config(host="127.0.0.1" if advertise else None,
+                             bootstrap=tuple(("127.0.0.1", p.port) for p in peers), **config)
+        self.shell = secral.NodeShell(self.data_dir, self.config, ("127.0.0.1", 0))
+        self.shell.start()
+        self.port = self.shell.port
+
+    def __call__(self, cmd: str, **args):
+        return secral.call_node(self.data_dir, cmd, args)
+
+    def peer_domains(self) -> set[str]:
+        with self.shell.lock:
+            return set(self.shell.core.open)
+
+    def address(self, user: str = "Default") -> str:
+        return f"{user}@{self.domain}"
+
+    def stop(self) -> None:
+        self.shell.stop()
+
+
+@pytest.fixture
+def live(tmp_path):
+    """Start LiveNodes; all are stopped at the end of the test."""
+    started: list[LiveNode] = []
+
+    def start(index: int, peers=(), **kw) -> LiveNode:
+        node = LiveNode(tmp_path, index, peers, **kw)
+        started.append(node)
+        return node
+    yield start
+    for node in started:
+        node.stop()
+
+
+SEED_EDGES = [(5, 1), (1, 6), (6, 7), (1, 2), (7, 3), (2, 6), (7, 5), (4, 2), (4, 3), (2, 3), (7, 1), (2, 5)]
+
+
+def test_seed_network_carries_mail_through_intermediaries(live):
+    """The seven nodes of the seed picture, connected exactly as drawn.  No node
+    advertises a host, so nobody can dial around the picture: mail must be relayed."""
+    nodes: dict[int, LiveNode] = {}
+    for i in range(1, 8):
+        neighbours = [nodes[j] for x, y in SEED_EDGES for j in (x, y)
+                      if i in (x, y) and j != i and j in nodes]
+        nodes[i] = live(10 + i, neighbours, advertise=False)
+    for x, y in SEED_EDGES:
+        eventually(lambda: nodes[y].domain in nodes[x].peer_domains())
+    assert nodes[3].domain not in nodes[5].peer_domains()
+    assert nodes[6].domain not in nodes[4].peer_domains()
+
+    secret = {(5, 3): "meet me at the harbour", (4, 6): "the key is under the mat"}
+    sent = {}
+    for (src, dst), body in secret.items():
+        sent[src, dst] = nodes[src]("send", to=nodes[dst].address(), subject=f"from {src}", body=body)["id"]
+    for (src, dst), mail_id in sent.items():
+        entry = nodes[src]("wait", id=mail_id, timeout=30)
+        assert entry["status"] == "delivered", entry
+        [mail] = nodes[dst]("inbox")
+        assert nodes[dst]("read", id=mail["id"])["body"] == secret[src, dst]
+        assert mail["from"] == nodes[src].address()
+
+    # Intermediaries held the mail (they relayed it) but only as ciphertext.
+    for i in (1, 2, 7):
+        with nodes[i].shell.lock:
+            relayed = set(nodes[i].shell.core.seen)
+        raw = b"".join(open(os.path.join(nodes[i].data_dir, f), "rb").read()
+                       for f in os.listdir(nodes[i].data_dir) if ".db" in f)
+        for body in secret.values():
+            assert body.encode() not in raw
+        assert raw.count(b"from ") == 0
+    carried = [i for i in (1, 2, 7) if any(k.startswith("mail/") for k in nodes[i].shell.core.seen)]
+    assert carried, "no intermediary saw the mail"
+
+
+def test_node_shell_rejects_forged_mail_and_keeps_serving(live):
+    a = live(20)
+    b = live(21, [a])
+    eventually(lambda: a.domain in b.peer_domains())
+    # A raw peer completes a real handshake, then sends a forged mail.
+    attacker = RawPeer(a.port, key(22))
+    attacker.handshake()
+    forged = {**sealed(22, 20, now=int(time.time())), "id": "e" * 32}
+    attacker.send({"type": "mail", "hops": 8, "mail": forged})
+    attacker.send({"type": "ping"})
+    assert attacker.wait_for("pong")
+    with a.shell.lock:
+        assert a.shell.core.score(key(22).domain, time.time()) == -25
+    entry = b("send", to=a.address(), subject="good", body="mail")
+    assert b("wait", id=entry["id"], timeout=20)["status"] == "delivered"
+    attacker.close()
+
+
+class RawPeer:
+    """A third-party peer written from the spec alone: a socket, JSON lines,
+    and the crypto calls (examples/raw_peer.py is the commented version)."""
+
+    def __init__(self, port: int, identity: Identity, source: str = "127.0.0.1"):
+        self.identity = identity
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+        self.file = self.sock.makefile("rb")
+        self.received: list[dict] = []
+
+    def send(self, frame: dict) -> None:
+        self.sock.sendall(json.dumps(frame).encode() + b"\n")
+
+    def recv(self) -> dict | None:
+        line = self.file.readline()
+        if not line:
+            return None
+        frame = json.loads(line)
+        self.received.append(frame)
+        return frame
+
+    def wait_for(self, type: str) -> dict | None:
+        while True:
+            frame = self.recv()
+            if frame is None or frame["type"] == type:
+                return frame
+
+    def handshake(self, now: int | None = None) -> dict:
+        now = int(time.time()) if now is None else now
+        record = secral.make_record(self.identity, None, 0, 1, now + 3600)
+        their_hello = self.wait_for("hello")
+        self.send(secral.make_hello(record, os.urandom(16)))
+        my_nonce = None
+        self.send(secral.make_auth(self.identity, their_hello["nonce"], their_hello["record"]["domain"]))
+        auth = self.wait_for("auth")
+        assert auth is not None, self.received
+        self.peer_record = their_hello["record"]
+        return their_hello
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def test_raw_third_party_peer_delivers_mail_and_gets_a_valid_ack(live):
+    a = live(23)
+    peer = RawPeer(a.port, key(24))
+    hello = peer.handshake()
+    mail = secral.seal_mail(key(24), Address("Default", key(24).domain), Address("Default", a.domain),
+                            hello["record"]["key"], "from a stranger", "hello", int(time.time()))
+    peer.send({"type": "mail", "hops": 8, "mail": mail})
+    ack = peer.wait_for("ack")["ack"]
+    secral.verify_ack(ack, int(time.time()))
+    assert (ack["id"], ack["status"], ack["to"]) == (mail["id"], "delivered", f"Core@{key(24).domain}")
+    assert [m["subject"] for m in a("inbox")] == ["from a stranger"]
+    peer.close()
+
+
+# =============================================================================
+# Command line: python3 secral.py node as real processes
+# =============================================================================
+
+PYTHON = sys.executable
+SCRIPT = os.path.join(HERE, "secral.py")
+
+
+def cli(*args, data_dir: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([PYTHON, SCRIPT, *args, "--data-dir", data_dir], input=input,
+                            capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"secral {' '.join(args)} exited {result.returncode}: {result.stderr}")
+    return result
+
+
+class NodeProcess:
+    """`python3 secral.py node` in a subprocess, on 127.0.0.1 with port 0."""
+
+    def __init__(self, data_dir: str, index: int | None, *extra: str):
+        self.data_dir = data_dir
+        os.makedirs(data_dir, exist_ok=True)
+        if index is not None and not os.path.exists(os.path.join(data_dir, "node.key")):
+            seed_key(data_dir, index)
+        self.log = open(os.path.join(data_dir, "node.log"), "ab")
+        self.proc = subprocess.Popen(
+            [PYTHON, SCRIPT, "node", "--data-dir", data_dir, "--host", "127.0.0.1", "--port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.banner = []
+        for line in self.proc.stdout:
+            self.banner.append(line)
+            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                self.port = int(match.group(1))
+            if "stop with Ctrl-C" in line:
+                break
+        else:
+            raise AssertionError("node did not start: " + open(os.path.join(data_dir, "node.log")).read())
+        self.domain = re.search(r"node (node-\w+)", self.banner[0]).group(1)
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def address(self, user: str = "Default") -> str:
+        return f"{user}@{self.domain}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def procs():
+    started: list[NodeProcess] = []
+
+    def start(*args, **kw) -> NodeProcess:
+        proc = NodeProcess(*args, **kw)
+        started.append(proc)
+        return proc
+    yield start
+    for proc in started:
+        with contextlib.suppress(Exception):
+            proc.stop(signal.SIGKILL)
+
+
+def test_cli_two_processes_end_to_end(procs, tmp_path):
+    A, B = str(tmp_path / "A"), str(tmp_path / "B")
+    a = procs(A, 30)
+    b = procs(B, 31, "--peer", f"127.0.0.1:{a.port}")
+    assert a.banner[1].strip() == f"address  Core@{a.domain}"
+    eventually(lambda: json.loads(cli("peers", "--json", data_dir=A).stdout))
+    sent = cli("send", b.address(), "--subject", "hi", "--body", "there", "--wait", "20", data_dir=A)
+    assert sent.stdout.startswith("delivered ")
+    mail_id = sent.stdout.split()[1]
+    inbox = json.loads(cli("inbox", "--json", data_dir=B).stdout)
+    assert [(m["id"], m["subject"]) for m in inbox] == [(mail_id, "hi")]
+    assert "there" in cli("read", mail_id[:8], data_dir=B).stdout
+    # The body may come from standard input.
+    piped = cli("send", b.address(), "--subject", "piped", "--wait", "20", data_dir=A, input="line 1\nline 2\n")
+    assert piped.stdout.startswith("delivered ")
+    assert cli("read", piped.stdout.split()[1], data_dir=B).stdout.endswith("line 1\nline 2\n\n")
+    outbox = json.loads(cli("outbox", "--json", data_dir=A).stdout)
+    assert [e["status"] for e in outbox] == ["delivered", "delivered"]
+    peers = json.loads(cli("peers", "--json", data_dir=B).stdout)
+    assert [(p["domain"], p["direction"]) for p in peers] == [(a.domain, "outbound")]
+    who = json.loads(cli("whoami", "--json", data_dir=B).stdout)
+    assert who["domain"] == b.domain and f"Default@{b.domain}" in who["addresses"]
+    # Rejections are reported as such, with a non-zero exit.
+    rejected = cli("send", b.address("nobody"), "-s", "x", "-b", "y", "--wait", "20", data_dir=A, check=False)
+    assert rejected.returncode == 2 and "no_such_user" in rejected.stdout
+    assert a.stop() == 0 and b.stop() == 0
+    assert not os.path.exists(os.path.join(A, "control.json"))
+
+
+def test_cli_without_a_node_says_so(tmp_path):
+    for args in (["inbox"], ["outbox"], ["peers"], ["send", "x@node-" + "a" * 24, "-s", "s", "-b", "b"],
+                 ["read", "abcd"], ["nis", "lookup", "node-" + "a" * 24], ["users", "list"]):
+        result = cli(*args, data_dir=str(tmp_path / "none"), check=False)
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and "no node is running" in result.stderr
+
+
+def test_whoami_creates_the_identity_offline(tmp_path):
+    d = str(tmp_path / "fresh")
+    out = json.loads(cli("whoami", "--json", data_dir=d).stdout)
+    assert os.stat(os.path.join(d, "node.key")).st_mode & 0o777 == 0o600
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    import hashlib
+    private = serialization.load_pem_private_key(open(os.path.join(d, "node.key"), "rb").read(), None)
+    assert isinstance(private, rsa.RSAPrivateKey) and private.key_size == 3072
+    der = private.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    domain = "node-" + base64.b32encode(hashlib.sha256(der).digest()[:15]).decode().lower()
+    assert out == {"domain": domain, "addresses": [f"Core@{domain}", f"Default@{domain}"]}
