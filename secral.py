@@ -1510,17 +1510,17 @@ class Node:
             self._mark_has(key, peer)
             return
         expires = int(ack["created"]) + ack_lifetime()
-        self._remember(key, expires)
         if sender == self.domain:
             self._reward(peer, "ack_relayed", now)
             self._ack_arrived(ack, recipient)
+            self._remember(key, expires)
             return
         stored_mail = self.items.get(mail_key(sender, ack["id"]))
         if stored_mail is not None and stored_mail.target == recipient:
             expires = min(expires, stored_mail.expires)
-            self._forget(stored_mail)           # the recipient has it: drop our copy (7.5)
-        self._accept(peer, "ack", key, ack, recipient, sender, expires, frame["hops"], now,
-                     remembered=True)
+        self._accept(peer, "ack", key, ack, recipient, sender, expires, frame["hops"], now)
+        if stored_mail is not None and stored_mail.target == recipient:
+            self._forget(stored_mail)           # the recipient has it: drop our copy (7.6)
 
     def _repeated(self, peer: Peer, key: str, now: float) -> bool:
         """Per-connection duplicate check: honest peers send an object once per
@@ -1548,23 +1548,23 @@ class Node:
                 self.stores.seen.pop(old, None)
 
     def _accept(self, peer: Peer, kind: str, key: str, obj: dict, origin: str, target: str,
-                expires: int, hops: int, now: float, remembered: bool = False) -> None:
-        """Take a new object from `peer` for relaying: store, then route (7.2)."""
-        if not remembered:
-            self._remember(key, expires)
+                expires: int, hops: int, now: float) -> None:
+        """Take a new object from `peer` for relaying: store, then route (7.2).
+        The relay store is written before the seen-set: a crash between the two
+        must leave a retry welcome, not a mail marked seen and never stored."""
         size = len(canonical_json(obj))
         refusal = self._over_quota(origin, size) if hops > 0 and kind == "mail" else None
         if refusal:
-            self.seen.pop(key, None)            # not accepted: a retry may be
-            self.stores.seen.pop(key, None)
-            peer.recent.pop(key, None)
+            peer.recent.pop(key, None)          # not accepted: a retry may be
             self._send(peer, make_error("quota_exceeded", refusal, ref=obj["id"]))
             return
         self._reward(peer, f"{kind}_relayed", now)
+        if hops > 0:
+            self.stores.relay[key] = {"kind": kind, "obj": obj, "hops": hops - 1,
+                                      "received": int(now), "expires": expires}
+        self._remember(key, expires)
         if hops == 0:
             return                              # no relay steps left: only its target may use it
-        self.stores.relay[key] = {"kind": kind, "obj": obj, "hops": hops - 1,
-                                  "received": int(now), "expires": expires}
         item = Item(key, kind, "relay", key, target, origin, expires, size, hops - 1,
                     own=False, next_try=now + self.config.retry_first)
         item.offered.add(peer.conn)
@@ -2629,6 +2629,24 @@ class Control:
                 "addresses": [f"{u}@{self.core.domain}" for u in [CORE_USER] + users],
                 "host": record["host"], "port": self.shell.port, "advertised_port": record["port"]}
 
+    def cmd_status(self) -> dict:
+        """What this node holds: its mail, what it keeps for others, its peers."""
+        now = self._now()
+        with self.shell.lock:
+            core = self.core
+            relayed = [i for i in core.items.values() if i.store == "relay"]
+            outbox = collections.Counter(e["status"] for e in self.stores.outbox.values())
+            return {
+                "domain": core.domain, "peers": len(core.open), "connections": len(core.peers),
+                "inbox": len(self.stores.inbox), "outbox": dict(sorted(outbox.items())),
+                "relay": {"mail": sum(i.kind == "mail" for i in relayed),
+                          "ack": sum(i.kind == "ack" for i in relayed),
+                          "bytes": core.relay_usage["bytes"],
+                          "keys": sorted(i.key for i in relayed)},
+                "seen": len(core.seen), "nis_records": len(self.stores.nis),
+                "known_peers": len(self.stores.peers),
+                "banned": len(core.reputation.bans(int(now))), "time": int(now)}
+
     def cmd_peers(self, banned: bool = False) -> list[dict]:
         now = self._now()
         with self.shell.lock:
@@ -2850,7 +2868,9 @@ def run_node(args: argparse.Namespace) -> int:
     else:
         host, port = (None if args.host in ("0.0.0.0", "::", "") else args.host), 0
     config = Config(host=host, port=port, bootstrap=tuple(parse_hostport(p) for p in args.peer),
-                    target_outbound=args.target_outbound)
+                    target_outbound=args.target_outbound,
+                    relay_max_items=args.store_max_items, relay_max_bytes=args.store_max_mb << 20,
+                    origin_max_items=args.origin_max_items, origin_max_bytes=args.origin_max_mb << 20)
     if args.rate:
         config.rate, config.burst = args.rate, int(args.rate * 2)
     shell = NodeShell(data_dir, config, listen, Clock(args.clock_file))
@@ -2932,6 +2952,16 @@ def command_output(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]
                           r["reason"]] for r in rows],
                         ["ID", "STATUS", "CREATED", "TO", "SUBJECT", "NOTE"])
         return call_node(d, "outbox"), show
+    if args.command == "status":
+        def show(r):
+            print(f"node {r['domain']}: {r['peers']} peers ({r['connections']} connections)")
+            print(f"inbox {r['inbox']} mails; outbox " +
+                  (", ".join(f"{n} {k}" for k, n in r["outbox"].items()) or "empty"))
+            print(f"holding for others: {r['relay']['mail']} mails, {r['relay']['ack']} acks, "
+                  f"{r['relay']['bytes']} bytes")
+            print(f"NIS map {r['nis_records']} records; known peers {r['known_peers']}; "
+                  f"banned {r['banned']}")
+        return call_node(d, "status"), show
     if args.command == "peers":
         if args.banned:
             def show(rows):
@@ -2995,6 +3025,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-listen", action="store_true", help="behind NAT: accept no connections")
     p.add_argument("--target-outbound", type=int, default=8, help="outbound connections to keep")
     p.add_argument("--rate", type=float, help=f"frames/s a peer may send (default {RATE_PER_SECOND})")
+    quota = Config()
+    p.add_argument("--store-max-items", type=int, default=quota.relay_max_items,
+                   help="mails and acks kept for others, in total (default %(default)s)")
+    p.add_argument("--store-max-mb", type=int, default=quota.relay_max_bytes >> 20,
+                   help="megabytes kept for others, in total (default %(default)s)")
+    p.add_argument("--origin-max-items", type=int, default=quota.origin_max_items,
+                   help="mails kept for others, per sending node (default %(default)s)")
+    p.add_argument("--origin-max-mb", type=int, default=quota.origin_max_bytes >> 20,
+                   help="megabytes kept for others, per sending node (default %(default)s)")
     p.add_argument("--clock-file", help="testing: add the seconds written in this file to the clock")
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -3012,6 +3051,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("read", parents=[common], help="show one mail")
     p.add_argument("id", help="the mail id (a unique prefix will do)")
     sub.add_parser("outbox", parents=[common], help="list sent mail and its status")
+    sub.add_parser("status", parents=[common], help="what the node holds and who it talks to")
     p = sub.add_parser("peers", parents=[common], help="list connected peers")
     p.add_argument("--banned", action="store_true", help="list banned peers instead")
     sub.add_parser("whoami", parents=[common], help="show this node's domain and addresses")

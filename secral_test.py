@@ -1422,3 +1422,115 @@ def test_whoami_creates_the_identity_offline(tmp_path):
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
     domain = "node-" + base64.b32encode(hashlib.sha256(der).digest()[:15]).decode().lower()
     assert out == {"domain": domain, "addresses": [f"Core@{domain}", f"Default@{domain}"]}
+
+
+# =============================================================================
+# Store and forward with real processes (offline recipients, clocks, crashes)
+# =============================================================================
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def status(data_dir: str) -> dict:
+    return json.loads(cli("status", "--json", data_dir=data_dir).stdout)
+
+
+def outbox(data_dir: str) -> dict[str, str]:
+    return {e["id"]: e["status"] for e in json.loads(cli("outbox", "--json", data_dir=data_dir).stdout)}
+
+
+def peers_of(data_dir: str) -> set[str]:
+    return {p["domain"] for p in json.loads(cli("peers", "--json", data_dir=data_dir).stdout)}
+
+
+def introduce(b_dir: str, r, index: int, procs, *extra) -> str:
+    """Start B once so that R learns its record, then stop it: B is 'offline'."""
+    b = procs(b_dir, index, "--no-listen", "--peer", f"127.0.0.1:{r.port}", *extra)
+    eventually(lambda: r.domain in peers_of(b_dir))
+    b.stop()
+    return b.domain
+
+
+def test_relay_keeps_mail_for_an_offline_recipient(procs, tmp_path):
+    A, R, B = (str(tmp_path / n) for n in "ARB")
+    r = procs(R, 40)
+    b_domain = introduce(B, r, 41, procs)
+    a = procs(A, 42, "--peer", f"127.0.0.1:{r.port}")
+    eventually(lambda: r.domain in peers_of(A))
+    sent = cli("send", f"Default@{b_domain}", "-s", "while you were out", "-b", "stored at R",
+               "--wait", "3", data_dir=A, check=False)
+    assert sent.returncode == 3 and "not yet delivered" in sent.stdout
+    mail_id = re.search(r"\b[0-9a-f]{32}\b", sent.stdout).group(0)
+    assert outbox(A) == {mail_id: "sent"}
+    eventually(lambda: status(R)["relay"]["mail"] == 1)
+    a.stop()                                     # the sender goes away
+    procs(B, 41, "--no-listen", "--peer", f"127.0.0.1:{r.port}")   # the recipient returns
+    inbox = eventually(lambda: json.loads(cli("inbox", "--json", data_dir=B).stdout))
+    assert [(m["id"], m["subject"]) for m in inbox] == [(mail_id, "while you were out")]
+    eventually(lambda: status(R)["relay"]["mail"] == 0)
+    procs(A, 42)                                 # the sender restarts, without --peer
+    eventually(lambda: outbox(A) == {mail_id: "delivered"}, timeout=30)
+
+
+def test_a_day_offline_is_fine_but_past_the_ttl_is_expired(procs, tmp_path):
+    A, R, B = (str(tmp_path / n) for n in "ARB")
+    clock = str(tmp_path / "clock")                     # every node adds this many seconds
+    with open(clock, "w") as f:
+        f.write("0")
+    r = procs(R, 43, "--clock-file", clock)
+    b_domain = introduce(B, r, 44, procs, "--clock-file", clock)
+    a = procs(A, 45, "--peer", f"127.0.0.1:{r.port}", "--clock-file", clock)
+    eventually(lambda: r.domain in peers_of(A))
+    keep = cli("send", f"Default@{b_domain}", "-s", "a day later", "-b", "x", "--json", data_dir=A)
+    lost = cli("send", f"Default@{b_domain}", "-s", "too late", "-b", "y", "--ttl", "3600", "--json", data_dir=A)
+    keep, lost = json.loads(keep.stdout)["id"], json.loads(lost.stdout)["id"]
+    eventually(lambda: status(R)["relay"]["mail"] == 2)
+    a.stop()
+    with open(clock, "w") as f:                         # 24 hours pass, no sleeping
+        f.write(str(24 * 3600))
+    eventually(lambda: status(R)["relay"]["mail"] == 1)   # R purged the mail past its TTL
+    assert status(R)["time"] > time.time() + 86000
+    procs(B, 44, "--no-listen", "--peer", f"127.0.0.1:{r.port}", "--clock-file", clock)
+    eventually(lambda: [m["subject"] for m in json.loads(cli("inbox", "--json", data_dir=B).stdout)] == ["a day later"])
+    procs(A, 45, "--clock-file", clock)
+    eventually(lambda: outbox(A) == {keep: "delivered", lost: "expired"}, timeout=30)
+
+
+def test_no_mail_is_lost_when_relay_and_recipient_are_killed(procs, tmp_path):
+    A, R, B = (str(tmp_path / n) for n in "ARB")
+    port = free_port()
+    relay = ["--port", str(port)]
+    r = procs(R, 46, *relay)
+    b_args = ("--no-listen", "--peer", f"127.0.0.1:{port}")
+    b = procs(B, 47, *b_args)
+    a = procs(A, 48, "--peer", f"127.0.0.1:{port}")
+    eventually(lambda: r.domain in peers_of(A) and r.domain in peers_of(B))
+    ids: list[str] = []
+    done = threading.Event()
+
+    def sender():
+        for n in range(24):
+            result = cli("send", b.address(), "-s", f"mail {n}", "-b", f"body {n}", "--json", data_dir=A,
+                         check=False)
+            if result.returncode == 0:
+                ids.append(json.loads(result.stdout)["id"])
+            time.sleep(0.15)
+        done.set()
+    thread = threading.Thread(target=sender)
+    thread.start()
+    for cycle in range(3):                              # kill -9 R and B, several times, mid-stream
+        time.sleep(0.6)
+        r.kill()
+        r = procs(R, 46, *relay)
+        time.sleep(0.6)
+        b.kill()
+        b = procs(B, 47, *b_args)
+    thread.join()
+    assert len(ids) == 24
+    eventually(lambda: set(outbox(A).values()) == {"delivered"}, timeout=150, interval=1)
+    inbox = json.loads(cli("inbox", "--json", data_dir=B).stdout)
+    assert sorted(m["id"] for m in inbox) == sorted(ids)        # each exactly once
+    assert sorted(m["subject"] for m in inbox) == sorted(f"mail {n}" for n in range(24))
