@@ -667,6 +667,15 @@ def record_supersedes(new: dict, old: dict | None) -> bool:
     return old is None or new["seq"] > old["seq"]
 
 
+def verify_nis_answer(frame: dict, domain: str, now: int) -> dict:
+    """The record in a nis_answer to a query for `domain` (5.4): it must verify
+    and be that domain's.  Anything else is a forgery, whoever made it."""
+    record = verify_record(frame["record"], now, "nis_answer.record")
+    if record["domain"] != domain:
+        raise RemoteError("bad_domain", f"asked for {domain}, answered with {record['domain']}")
+    return record
+
+
 # =============================================================================
 # Protocol objects: mail, acks, handshake
 # =============================================================================
@@ -1900,12 +1909,9 @@ class Node:
             return                              # late or unasked: cheap to drop, not a fault
         query.asked.discard(peer.conn)          # one answer per peer asked
         try:
-            record = verify_record(frame["record"], int(now), "nis_answer.record")
+            record = verify_nis_answer(frame, query.domain, int(now))
         except RemoteError as exc:
             self._misbehaved(peer, "forged_record", exc.message, now)
-            return
-        if record["domain"] != query.domain:
-            self._misbehaved(peer, "forged_record", "an answer for another domain", now)
             return
         self._reward(peer, "nis_answer", now)
         self.learn_record(record, now)

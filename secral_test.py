@@ -1534,3 +1534,123 @@ def test_no_mail_is_lost_when_relay_and_recipient_are_killed(procs, tmp_path):
     inbox = json.loads(cli("inbox", "--json", data_dir=B).stdout)
     assert sorted(m["id"] for m in inbox) == sorted(ids)        # each exactly once
     assert sorted(m["subject"] for m in inbox) == sorted(f"mail {n}" for n in range(24))
+
+
+# =============================================================================
+# NIS over real sockets
+# =============================================================================
+
+def test_nis_lookup_along_a_chain_of_five_despite_a_forger(live, tmp_path):
+    """N0 - N1 - N2 - N3 - N4: N0 asks for N4's record, four hops away, while a
+    peer of N0 answers first with forgeries.  No node advertises an address,
+    so the chain stays a chain and records spread only through lookups."""
+    chain: list[LiveNode] = []
+    for i in range(5):
+        chain.append(live(50 + i, chain[-1:], advertise=False))
+    for x, y in zip(chain, chain[1:]):
+        eventually(lambda: x.domain in y.peer_domains())
+    asker, owner = chain[0], chain[-1]
+    with asker.shell.lock:
+        assert asker.shell.core.known_record(owner.domain, time.time()) is None
+
+    forger = RawPeer(asker.port, key(56), source="127.0.0.2")
+    forger.handshake()
+    forgeries = []
+
+    def forge():
+        """Answer every query at once: a record signed by the forger for the
+        asked domain, then one whose key does not derive the domain."""
+        while (frame := forger.recv()) is not None:
+            if frame["type"] == "nis_query":
+                now = int(time.time())
+                wrong_key = secral.make_record(key(56), "127.0.0.1", 1, 2**40, now + 600)
+                for bad in (key(56).sign({**wrong_key, "domain": frame["domain"]}),
+                            {**owner.shell.core.record, "host": "127.0.0.66"}):
+                    forger.send({"type": "nis_answer", "qid": frame["qid"], "record": bad})
+                    forgeries.append(bad)
+    threading.Thread(target=forge, daemon=True).start()
+
+    result = cli("nis", "lookup", owner.domain, "--json", "--timeout", "15", data_dir=asker.data_dir)
+    record = json.loads(result.stdout)
+    assert record["domain"] == owner.domain and record["key"] == owner.identity.public_b64
+    assert record["sig"] == owner.shell.core.record["sig"]
+    assert len(forgeries) == 2
+    with asker.shell.lock:                  # one answer per peer asked: one forgery scored
+        assert asker.shell.core.score(key(56).domain, time.time()) == \
+            secral.REPUTATION_EVENTS["forged_record"][0]
+    text = cli("nis", "lookup", owner.domain, data_dir=asker.data_dir).stdout
+    assert f"domain   {owner.domain}" in text and "key      sha256:" in text
+    missing = cli("nis", "lookup", "node-" + "a" * 24, "--timeout", "1", data_dir=asker.data_dir, check=False)
+    assert missing.returncode == 1 and "no NIS record" in missing.stderr
+    forger.close()
+
+
+def test_restarted_node_rejoins_the_peers_it_knew(live, tmp_path):
+    a = live(57)
+    b = live(58, [a])
+    eventually(lambda: a.domain in b.peer_domains())
+    b.stop()
+    again = LiveNode(tmp_path, 58)          # the same directory, no --peer
+    try:
+        eventually(lambda: a.domain in again.peer_domains())
+    finally:
+        again.stop()
+
+
+# =============================================================================
+# Local users and contacts
+# =============================================================================
+
+def test_users_and_contacts_on_real_nodes(procs, tmp_path):
+    A, B = str(tmp_path / "A"), str(tmp_path / "B")
+    a = procs(A, 60)
+    b = procs(B, 61, "--peer", f"127.0.0.1:{a.port}")
+    eventually(lambda: peers_of(B))
+    assert "added alice@" in cli("users", "add", "alice", data_dir=B).stdout
+    for bad, message in [("alice", "exists"), ("ALICE", "exists"), ("Core", "system user"),
+                         ("no spaces", "1-64 of"), (".dot", "1-64 of")]:
+        result = cli("users", "add", bad, data_dir=B, check=False)
+        assert result.returncode == 1 and message in result.stderr, (bad, result.stderr)
+    users = json.loads(cli("users", "list", "--json", data_dir=B).stdout)
+    assert [u["name"] for u in users] == ["alice", "Default"]
+
+    # A keeps an address book; the contact name stands for the address.
+    cli("contacts", "add", "Al", f"alice@{b.domain}", data_dir=A)
+    for bad_args, message in [(["Al", f"x@{b.domain}"], "exists"), (["bob", "not-an-address"], "is not user@"),
+                              (["x@y", f"x@{b.domain}"], "contact name"), (["bob", "bob@node-123"], "node- domain")]:
+        result = cli("contacts", "add", *bad_args, data_dir=A, check=False)
+        assert result.returncode == 1 and message in result.stderr, (bad_args, result.stderr)
+    assert "delivered" in cli("send", "Al", "-s", "for alice", "-b", "1", "--wait", "20", data_dir=A).stdout
+    assert "delivered" in cli("send", b.address(), "-s", "for default", "-b", "2", "--wait", "20", data_dir=A).stdout
+    unknown = cli("send", "Nobody", "-s", "x", "-b", "y", data_dir=A, check=False)
+    assert unknown.returncode == 1 and "neither an address nor a contact" in unknown.stderr
+
+    def subjects(user):
+        return [m["subject"] for m in json.loads(cli("inbox", "--user", user, "--json", data_dir=B).stdout)]
+    assert subjects("alice") == ["for alice"] and subjects("Default") == ["for default"]
+    assert subjects("ALICE") == ["for alice"]
+    # B names A in its own address book: the inbox shows who is known.
+    cli("contacts", "add", "Anna", a.address(), data_dir=B)
+    listing = cli("inbox", data_dir=B).stdout
+    assert f"{a.address()} (Anna)" in listing
+    cli("contacts", "remove", "Anna", data_dir=B)
+    assert "(not a contact)" in cli("inbox", data_dir=B).stdout
+
+    # Removing a user with mail needs --force; afterwards its mail is rejected.
+    refused = cli("users", "remove", "alice", data_dir=B, check=False)
+    assert refused.returncode == 1 and "--force" in refused.stderr
+    assert "removed alice (1 mails)" in cli("users", "remove", "alice", "--force", data_dir=B).stdout
+    late = cli("send", "Al", "-s", "too late", "-b", "3", "--wait", "20", data_dir=A, check=False)
+    assert late.returncode == 2 and "no_such_user" in late.stdout
+    statuses = {e["subject"]: (e["status"], e["reason"]) for e in json.loads(cli("outbox", "--json", data_dir=A).stdout)}
+    assert statuses["too late"] == ("rejected", "no_such_user")
+    assert cli("users", "remove", "Core", data_dir=B, check=False).returncode == 1
+
+    # Users and contacts survive a restart.
+    cli("users", "add", "carol", data_dir=B)
+    b.stop()
+    a.stop()
+    procs(B, 61)
+    procs(A, 60)
+    assert [u["name"] for u in json.loads(cli("users", "list", "--json", data_dir=B).stdout)] == ["carol", "Default"]
+    assert json.loads(cli("contacts", "list", "--json", data_dir=A).stdout) == [{"name": "Al", "address": f"alice@{b.domain}"}]
