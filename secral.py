@@ -114,6 +114,9 @@ MAX_LINE = 262_144              # bytes in one frame, newline included: a mail w
 MAX_INT = 2**53 - 1             # JSON integers stay exact in every language's double
 MAX_SUBJECT = 256               # characters (code points) in a subject
 MAX_BODY = 131_072              # bytes of UTF-8 in a body (128 KiB)
+MAX_PLAINTEXT = 192_000         # bytes of sealed canonical JSON: escapes can make a
+                                # 128 KiB body longer, and every mail must fit a frame
+MAX_DEPTH = 16                  # nesting of arrays/objects in a frame (Secral needs 4)
 MAX_HOPS = 8                    # relay steps a mail or ack may still take
 MAX_TTL = 7 * 86_400            # a mail lives at most 7 days after it was created
 MAX_FUTURE = 600                # clocks may disagree by 10 minutes
@@ -142,6 +145,9 @@ RECORD_LIFETIME = 30 * 86_400   # a node's own NIS record is valid for 30 days .
 RECORD_REFRESH = 15 * 86_400    # ... and is re-signed when less than 15 remain
 MAX_RECORD_LIFETIME = RECORD_LIFETIME + MAX_FUTURE  # longer-lived records are refused
 NIS_HOPS = 3                    # how far a nis_query travels
+MAX_NIS_RECORDS = 10_000        # records kept in the NIS map (soonest to expire go first)
+MAX_KNOWN_PEERS = 1_000         # addresses kept for reconnecting
+KNOWN_PEER_FAILURES = 10        # an address that failed this often, unseen for a week, goes
 NIS_TIMEOUT = 6                 # seconds an asker waits for a nis_answer
 
 
@@ -282,15 +288,16 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict:
 
 
 def parse_json(data: bytes | str) -> Any:
-    """Parse strict Secral JSON: UTF-8, integers only, no duplicate keys."""
+    """Parse strict Secral JSON: UTF-8, integers only, no duplicate keys,
+    at most MAX_DEPTH levels of nesting."""
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
         except UnicodeDecodeError:
             raise RemoteError("not_json", "invalid UTF-8")
     try:
-        return json.loads(data, parse_int=_json_int, parse_float=_json_float,
-                          parse_constant=_json_constant, object_pairs_hook=_json_object)
+        value = json.loads(data, parse_int=_json_int, parse_float=_json_float,
+                           parse_constant=_json_constant, object_pairs_hook=_json_object)
     except RecursionError:
         raise RemoteError("malformed", "JSON nested too deeply")
     except json.JSONDecodeError as exc:
@@ -299,6 +306,14 @@ def parse_json(data: bytes | str) -> Any:
         raise RemoteError("not_json", str(exc))
     except ValueError as exc:
         raise RemoteError("malformed", str(exc))
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise RemoteError("malformed", f"JSON nested deeper than {MAX_DEPTH} levels")
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
 
 
 def decode_frame(line: bytes) -> dict:
@@ -704,6 +719,10 @@ CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 def check_subject(subject: Any, what: str = "subject") -> str:
     is_str(subject, what)
+    try:
+        subject.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RemoteError("malformed", f"{what}: not valid Unicode text")
     if len(subject) > MAX_SUBJECT:
         raise RemoteError("too_large", f"{what}: {len(subject)} characters; the limit is {MAX_SUBJECT}")
     if CONTROL_CHARS.search(subject):
@@ -720,6 +739,18 @@ def check_body(body: Any, what: str = "body") -> str:
     if size > MAX_BODY:
         raise RemoteError("too_large", f"{what}: {size} bytes of UTF-8; the limit is {MAX_BODY}")
     return body
+
+
+def make_plaintext(sender: Address, recipient: Address, subject: str, body: str) -> bytes:
+    """What is sealed (6.1): canonical {"from","to","subject","body"}, within limits."""
+    check_subject(subject)
+    check_body(body)
+    plaintext = canonical_json({"from": str(sender), "to": str(recipient),
+                                "subject": subject, "body": body})
+    if len(plaintext) > MAX_PLAINTEXT:
+        raise RemoteError("too_large", f"the mail is {len(plaintext)} bytes once encoded "
+                          f"(control characters and quotes take more room); the limit is {MAX_PLAINTEXT}")
+    return plaintext
 
 
 def envelope_of(mail: dict) -> bytes:
@@ -739,8 +770,7 @@ def seal_mail(identity: Identity, sender: Address, recipient: Address, recipient
         raise LocalError("bad_address", f"{sender} is not an address of this node")
     if not 0 < ttl <= MAX_TTL:
         raise LocalError("bad_ttl", f"time to live must be 1..{MAX_TTL} seconds")
-    check_subject(subject)
-    check_body(body)
+    plaintext = make_plaintext(sender, recipient, subject, body)
     key = parse_public_key(recipient_key)
     if domain_of_key(recipient_key) != recipient.domain:
         raise LocalError("bad_domain", f"the key given for {recipient} is not {recipient.domain}'s")
@@ -748,8 +778,6 @@ def seal_mail(identity: Identity, sender: Address, recipient: Address, recipient
     aes_key, nonce = rng(AES_KEY), rng(GCM_NONCE)
     mail = {"kind": "mail", "id": mail_id, "from": str(sender), "to": str(recipient),
             "from_key": identity.public_b64, "created": now, "expires": now + ttl}
-    plaintext = canonical_json({"from": str(sender), "to": str(recipient),
-                                "subject": subject, "body": body})
     mail["ct"] = b64e(seal_gcm(aes_key, nonce, plaintext, envelope_of(mail)))
     mail["nonce"] = b64e(nonce)
     mail["key"] = b64e(wrap_key(key, aes_key, rng))
@@ -763,14 +791,19 @@ def verify_mail(mail: Any, now: int, what: str = "mail") -> dict:
         raise RemoteError("malformed", f'{what}.kind: expected "mail"')
     sender = parse_address(mail["from"], f"{what}.from")
     parse_address(mail["to"], f"{what}.to")
+    if sender.is_core:
+        raise RemoteError("bad_address", f"{what}: {CORE_USER} sends acks, never mail")
     key = parse_public_key(mail["from_key"])
     if domain_of_key(mail["from_key"]) != sender.domain:
         raise RemoteError("bad_domain", f"{what}: from_key is not the key of {sender.domain}")
     check_lifetime(mail["created"], mail["expires"], now, what)
     b64d(mail["key"], f"{what}.key", RSA_BYTES)
     b64d(mail["nonce"], f"{what}.nonce", GCM_NONCE)
-    if len(b64d(mail["ct"], f"{what}.ct")) < GCM_TAG:
+    sealed_size = len(b64d(mail["ct"], f"{what}.ct"))
+    if sealed_size < GCM_TAG:
         raise RemoteError("malformed", f"{what}.ct: shorter than the GCM tag")
+    if sealed_size > MAX_PLAINTEXT + GCM_TAG:
+        raise RemoteError("too_large", f"{what}.ct: more than {MAX_PLAINTEXT} bytes of plaintext")
     verify_signed(mail, key, what)
     return mail
 
@@ -829,6 +862,8 @@ def verify_ack(ack: Any, now: int, what: str = "ack") -> dict:
         raise RemoteError("bad_address", f"{what}: acks go from Core to Core")
     if ack["status"] not in ACK_STATUSES:
         raise RemoteError("malformed", f"{what}.status: expected delivered or rejected")
+    if CONTROL_CHARS.search(ack["reason"]):
+        raise RemoteError("malformed", f"{what}.reason: control characters are not allowed")
     key = parse_public_key(ack["from_key"])
     if domain_of_key(ack["from_key"]) != signer.domain:
         raise RemoteError("bad_domain", f"{what}: from_key is not the key of {signer.domain}")
@@ -955,7 +990,6 @@ REPUTATION_EVENTS: dict[str, tuple[int, bool]] = {
     "not_ready":         (-50,   True),       # a frame before the handshake
     "rate_exceeded":     (-2,    False),      # the frame is dropped, too
     "duplicate":         (-5,    False),      # the same object twice on one connection
-    "handshake_failed":  (-25,   True),       # a hello or auth that does not verify
     # rewards: what honest peers do
     "mail_relayed":      (+1,    False),      # a valid mail we had not seen
     "ack_relayed":       (+1,    False),      # a valid ack we had not seen
@@ -1115,6 +1149,7 @@ class Peer:
         self.outbound = address is not None
         self.expect = expect            # the domain we dialled, if we knew it
         self.nonce = nonce              # our challenge, base64
+        self.their_nonce = ""           # theirs, from their hello
         self.state = "hello"
         self.record: dict | None = None
         self.domain: str | None = None          # claimed by hello ...
@@ -1177,6 +1212,12 @@ class Query:
     answered: bool = False
 
 
+def forgery_event(exc: RemoteError) -> str:
+    """A record whose signature, key or domain is wrong was forged; one that
+    is merely stale or malformed is scored as what it is (9.1)."""
+    return "forged_record" if exc.code in ("bad_signature", "bad_domain", "bad_key") else exc.code
+
+
 def backoff(tries: int, first: float, cap: float) -> float:
     return min(cap, first * 2 ** min(tries, 20))
 
@@ -1207,6 +1248,7 @@ class Node:
         self.items_for: dict[str, set[str]] = collections.defaultdict(set)  # target -> keys
         self.relay_usage: collections.Counter = collections.Counter()   # quota counters
         self.seen: dict[str, int] = dict(stores.seen.items())   # key -> expires
+        self.nis_expiry = {d: r["expires"] for d, r in stores.nis.items()}  # bounds the map
         self.queries: dict[str, Query] = {}
         self.seen_queries: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.dialing: dict[str, float] = {}     # dial target -> since
@@ -1257,7 +1299,7 @@ class Node:
         return self.stores.nis[self.domain]
 
     def refresh_record(self, now: float) -> bool:
-        """Re-sign our record when its host/port changed or it nears expiry (5.4)."""
+        """Re-sign our record when its host/port changed or it nears expiry (5.3)."""
         old = self.stores.nis.get(self.domain)
         host, port = self.config.host, self.config.port if self.config.host else 0
         if (old is not None and old["host"] == host and old["port"] == port
@@ -1282,10 +1324,19 @@ class Node:
         if domain == self.domain or not record_supersedes(record, self.stores.nis.get(domain)):
             return False
         self.stores.nis[domain] = record
+        self.nis_expiry[domain] = record["expires"]
+        if len(self.nis_expiry) > MAX_NIS_RECORDS:
+            keep = {self.domain, *self.open, *self.items_for}
+            victim = min((d for d in self.nis_expiry if d not in keep), key=self.nis_expiry.get)
+            del self.nis_expiry[victim], self.stores.nis[victim]
         if record["host"] is not None:
             known = self.stores.peers.get(domain, {"fails": 0, "next": 0, "seen": 0})
             known.update(host=record["host"], port=record["port"])
             self.stores.peers[domain] = known
+            if domain not in self.open and len(self.stores.peers) > MAX_KNOWN_PEERS:
+                worst = max(self.stores.peers.items(),
+                            key=lambda kv: (kv[1].get("fails", 0), -kv[1].get("seen", 0)))
+                del self.stores.peers[worst[0]]
         for outbox_id in self.waiting_key.pop(domain, ()):
             self._seal_waiting(outbox_id, now)
         return True
@@ -1346,7 +1397,7 @@ class Node:
         if was_open and self.open.get(peer.domain) is peer:
             del self.open[peer.domain]
             self._event("peer_closed", domain=peer.domain, conn=peer.conn, reason=reason)
-        elif not was_open and peer.outbound:
+        elif not was_open and peer.outbound and reason not in ("duplicate_connection", "shutdown"):
             self._dial_failed(peer.target, now)
         for item in self.items.values():
             item.offered.discard(peer.conn)
@@ -1376,10 +1427,8 @@ class Node:
                 raise RemoteError("not_ready", f"{frame['type']} before the handshake is complete")
             getattr(self, f"handle_{frame['type']}")(peer, frame, now)
         except RemoteError as exc:
-            if peer.state in ("hello", "auth") and exc.code not in ("not_ready", "not_json"):
-                self._misbehaved(peer, "handshake_failed", exc.message, now, code=exc.code)
-            else:
-                self._misbehaved(peer, exc.code, exc.message, now)
+            # Before the handshake there is nothing to talk about: any error ends it.
+            self._misbehaved(peer, exc.code, exc.message, now, disconnect=peer.state != "open")
         return self._take()
 
     def _take_token(self, peer: Peer, now: float) -> bool:
@@ -1392,10 +1441,11 @@ class Node:
         return True
 
     def _misbehaved(self, peer: Peer, event: str, message: str, now: float,
-                    code: str | None = None) -> None:
-        """Score a misbehaviour (9.1) and disconnect where the table says so;
-        `code` is what the error frame says (by default, the event's name)."""
-        change, disconnect = REPUTATION_EVENTS.get(event, (0, True))
+                    code: str | None = None, disconnect: bool = False) -> None:
+        """Score a misbehaviour (9.1) and disconnect where the table says so (or
+        `disconnect` does); `code` is what the error frame says (default: the event)."""
+        change, always = REPUTATION_EVENTS.get(event, (0, True))
+        disconnect = disconnect or always
         score = self.reputation.change(peer.subject, change, int(now)) if change else 0
         log.info("peer %s: %s (%s) -> score %d", peer.domain or peer.ip, event, message, score)
         if score <= SCORE_MIN:
@@ -1432,7 +1482,11 @@ class Node:
             self._close(peer, "banned", f"{domain} is banned", now)
             return
         peer.record, peer.domain, peer.state = record, domain, "auth"
-        self._send(peer, make_auth(self.identity, frame["nonce"], domain, self.rng))
+        peer.their_nonce = frame["nonce"]
+        if peer.outbound:
+            # The dialler proves itself first; the listener signs only for a peer
+            # that has (8.1), so a replayed public record costs us no signature.
+            self._send(peer, make_auth(self.identity, peer.their_nonce, domain, self.rng))
 
     def handle_auth(self, peer: Peer, frame: dict, now: float) -> None:
         verify_auth(frame, peer.record, peer.nonce, self.domain)
@@ -1448,6 +1502,8 @@ class Node:
                 self._close(peer, "duplicate_connection", "already connected", now)
                 return
             self._close(existing, "duplicate_connection", "replaced by a newer connection", now)
+        if not peer.outbound:
+            self._send(peer, make_auth(self.identity, peer.their_nonce, peer.domain, self.rng))
         peer.state = "open"
         self.open[peer.domain] = peer
         self.learn_record(peer.record, now)
@@ -1477,9 +1533,10 @@ class Node:
         that it has it, so a later retry offers it again (9.4)."""
         ref = frame.get("ref")
         log.info("peer %s says %s: %s", peer.domain or peer.ip, frame["code"], frame["message"])
-        if isinstance(ref, str):
-            for item in self.items.values():
-                if item.key.split("/")[2] == ref:
+        if ref is not None:
+            is_hex_id(ref, "error.ref")
+            for item in self.items.values():    # only what we gave this very connection
+                if item.key.split("/")[2] == ref and peer.conn in item.offered:
                     item.offered.discard(peer.conn)
             self._event("refused", domain=peer.domain, code=frame["code"], ref=ref)
 
@@ -1502,8 +1559,7 @@ class Node:
         if acked is not None:                   # already answered: tell the asker
             self._offer(acked, peer, now)
             return
-        if key in self.seen:
-            self._mark_has(key, peer)
+        if self._seen_before(key, peer, frame["hops"], now):
             return
         self._accept(peer, "mail", key, mail, sender, recipient, mail["expires"],
                      frame["hops"], now)
@@ -1515,8 +1571,7 @@ class Node:
         key = ack_key(sender, ack["id"], recipient)
         if self._repeated(peer, key, now):
             return
-        if key in self.seen:
-            self._mark_has(key, peer)
+        if self._seen_before(key, peer, frame["hops"], now):
             return
         expires = int(ack["created"]) + ack_lifetime()
         if sender == self.domain:
@@ -1525,10 +1580,13 @@ class Node:
             self._remember(key, expires)
             return
         stored_mail = self.items.get(mail_key(sender, ack["id"]))
-        if stored_mail is not None and stored_mail.target == recipient:
+        if stored_mail is not None and stored_mail.target != recipient:
+            stored_mail = None                  # someone else's ack for that id: not ours to act on
+        if stored_mail is not None:
             expires = min(expires, stored_mail.expires)
-        self._accept(peer, "ack", key, ack, recipient, sender, expires, frame["hops"], now)
-        if stored_mail is not None and stored_mail.target == recipient:
+        self._accept(peer, "ack", key, ack, recipient, sender, expires, frame["hops"], now,
+                     frees=stored_mail is not None)
+        if stored_mail is not None:
             self._forget(stored_mail)           # the recipient has it: drop our copy (7.6)
 
     def _repeated(self, peer: Peer, key: str, now: float) -> bool:
@@ -1547,6 +1605,22 @@ class Node:
         if item is not None:
             item.offered.add(peer.conn)
 
+    def _seen_before(self, key: str, peer: Peer, hops: int, now: float) -> bool:
+        """A copy of something we already handled: the peer has it.  If this
+        copy may travel further than ours, ours takes its hops (so a peer
+        cannot stunt a mail by handing us a copy with no hops left first)."""
+        if key not in self.seen:
+            return False
+        self._mark_has(key, peer)
+        item = self.items.get(key)
+        if item is not None and item.store == "relay" and hops - 1 > item.hops:
+            item.hops = hops - 1
+            entry = self.stores.relay[item.ref]
+            entry["hops"] = item.hops
+            self.stores.relay[item.ref] = entry
+            self._route(item, now)
+        return True
+
     def _remember(self, key: str, expires: int) -> None:
         """Add to the seen-set (bounded: the soonest-expiring keys go first)."""
         self.seen[key] = expires
@@ -1557,23 +1631,25 @@ class Node:
                 self.stores.seen.pop(old, None)
 
     def _accept(self, peer: Peer, kind: str, key: str, obj: dict, origin: str, target: str,
-                expires: int, hops: int, now: float) -> None:
+                expires: int, hops: int, now: float, frees: bool = False) -> None:
         """Take a new object from `peer` for relaying: store, then route (7.2).
-        The relay store is written before the seen-set: a crash between the two
+        A copy with no hops left is not ours to pass on: it is dropped, and not
+        remembered, so a copy that may travel is still welcome (7.2).  The
+        relay store is written before the seen-set: a crash between the two
         must leave a retry welcome, not a mail marked seen and never stored."""
+        if hops == 0:
+            return
         size = len(canonical_json(obj))
-        refusal = self._over_quota(origin, size) if hops > 0 and kind == "mail" else None
+        refusal = None if frees else self._over_quota(origin, size)
         if refusal:
             peer.recent.pop(key, None)          # not accepted: a retry may be
             self._send(peer, make_error("quota_exceeded", refusal, ref=obj["id"]))
             return
-        self._reward(peer, f"{kind}_relayed", now)
-        if hops > 0:
-            self.stores.relay[key] = {"kind": kind, "obj": obj, "hops": hops - 1,
-                                      "received": int(now), "expires": expires}
+        if kind == "mail" or frees:             # an ack for nothing we held earns nothing
+            self._reward(peer, f"{kind}_relayed", now)
+        self.stores.relay[key] = {"kind": kind, "obj": obj, "hops": hops - 1,
+                                  "received": int(now), "expires": expires}
         self._remember(key, expires)
-        if hops == 0:
-            return                              # no relay steps left: only its target may use it
         item = Item(key, kind, "relay", key, target, origin, expires, size, hops - 1,
                     own=False, next_try=now + self.config.retry_first)
         item.offered.add(peer.conn)
@@ -1581,7 +1657,8 @@ class Node:
         self._route(item, now)
 
     def _over_quota(self, origin: str, size: int) -> str | None:
-        """Relay store quotas (PROTOCOL.md 7.6); acks always fit, they free space."""
+        """Relay store quotas (PROTOCOL.md 7.6).  An ack that lets us drop a
+        mail we hold is never refused: it frees space."""
         c, used = self.config, self.relay_usage
         if used["items"] >= c.relay_max_items or used["bytes"] + size > c.relay_max_bytes:
             return "the relay store is full"
@@ -1632,9 +1709,9 @@ class Node:
         key = ack_key(sender, ack["id"], self.domain)
         item = self.items.get(key)
         if item is None:
-            self._remember(key, ack["created"] + ack_lifetime())
             self.stores.relay[key] = {"kind": "ack", "obj": ack, "hops": MAX_HOPS,
                                       "received": int(now), "expires": ack["created"] + ack_lifetime()}
+            self._remember(key, ack["created"] + ack_lifetime())
             item = Item(key, "ack", "relay", key, sender, self.domain, ack["created"] + ack_lifetime(),
                         len(canonical_json(ack)), MAX_HOPS, own=True,
                         next_try=now + self.config.retry_first)
@@ -1685,11 +1762,8 @@ class Node:
     def _load_items(self, now: float) -> None:
         """Rebuild the routing index from the durable stores after a start."""
         for key, entry in self.stores.relay.items():
-            obj = entry["obj"]
-            if entry["kind"] == "mail":
-                origin, target = parse_address(obj["from"]).domain, parse_address(obj["to"]).domain
-            else:
-                origin, target = parse_address(obj["from"]).domain, parse_address(obj["to"]).domain
+            obj = entry["obj"]      # a mail goes from origin to target; an ack back again
+            origin, target = parse_address(obj["from"]).domain, parse_address(obj["to"]).domain
             self._add_item(Item(key, entry["kind"], "relay", key, target, origin, entry["expires"],
                                 len(canonical_json(obj)), entry["hops"], own=origin == self.domain,
                                 next_try=now))
@@ -1717,6 +1791,8 @@ class Node:
         on this connection has it: TCP delivered it or the connection died)."""
         if peer.conn in item.offered:
             return
+        if item.hops == 0 and peer.domain != item.target:
+            return                              # no hops left: useful to its target only (7.2)
         obj = self._object(item)
         if obj is None:
             return
@@ -1761,7 +1837,10 @@ class Node:
     # -- direct connections and the peer set (PROTOCOL.md 5.5) -----------------
 
     def _connecting(self, target: str) -> bool:
-        return target in self.dialing or any(p.target == target for p in self.peers.values())
+        """A dial or a connection (even mid-handshake) to this target exists: a
+        node never dials a domain twice at once (8.1)."""
+        return target in self.dialing or any(
+            target in (p.target, p.domain, p.expect) for p in self.peers.values())
 
     def _dial_domain(self, domain: str, now: float) -> bool:
         """Dial `domain` from its record if that is possible now.  True while a
@@ -1772,7 +1851,8 @@ class Node:
         if next_try > now:
             return False
         record = self.known_record(domain, now)
-        if record is None or record["host"] is None:
+        if (record is None or record["host"] is None
+                or self.reputation.banned(f"domain:{domain}", int(now))):
             return False
         if sum(p.outbound for p in self.peers.values()) + len(self.dialing) >= self.config.max_outbound:
             return False
@@ -1807,7 +1887,7 @@ class Node:
 
     def submit(self, user: str, to: str, subject: str, body: str, now: float,
                ttl: int = MAX_TTL) -> tuple[str, list[Action]]:
-        """Queue a mail from a local user (7.1 step 1).  Returns its id.
+        """Queue a mail from a local user (7.5).  Returns its id.
 
         If the recipient's record (and so its key) is unknown, the mail waits
         in the outbox, unsealed, while Core asks the network for the record.
@@ -1819,8 +1899,7 @@ class Node:
             raise LocalError("not_found", f"no local user {sender.user!r}")
         sender = Address(self.stores.users[sender.user.lower()]["name"], self.domain)
         recipient = parse_address(to, "to")
-        check_subject(subject)
-        check_body(body)
+        make_plaintext(sender, recipient, subject, body)      # the limits, before queuing
         if not 0 < ttl <= MAX_TTL:
             raise LocalError("bad_ttl", f"the time to live must be 1..{MAX_TTL} seconds")
         mail_id = self.rng(MAIL_ID).hex()
@@ -1897,8 +1976,9 @@ class Node:
         if frame["hops"] == 0 or len(self.queries) >= MAX_QUERIES:
             return
         query = Query(frame["qid"], domain, peer.conn, now + NIS_TIMEOUT)
+        forward = {"type": "nis_query", "qid": frame["qid"], "domain": domain, "hops": frame["hops"] - 1}
         for other in self.open_peers(now, exclude=peer):
-            self._send(other, {**frame, "hops": frame["hops"] - 1})
+            self._send(other, forward)
             query.asked.add(other.conn)
         if query.asked:
             self.queries[query.qid] = query
@@ -1911,7 +1991,7 @@ class Node:
         try:
             record = verify_nis_answer(frame, query.domain, int(now))
         except RemoteError as exc:
-            self._misbehaved(peer, "forged_record", exc.message, now)
+            self._misbehaved(peer, forgery_event(exc), exc.message, now)
             return
         self._reward(peer, "nis_answer", now)
         self.learn_record(record, now)
@@ -1927,8 +2007,8 @@ class Node:
     def handle_getpeers(self, peer: Peer, frame: dict, now: float) -> None:
         """Peer exchange (5.5): records of reachable peers, ours first."""
         records = [self.record] if self.record["host"] else []
-        others = [p.record for p in self.open.values()
-                  if p is not peer and p.record["host"] is not None]
+        current = (self.known_record(p.domain, now) for p in self.open.values() if p is not peer)
+        others = [r for r in current if r is not None and r["host"] is not None]
         random.Random(self.rng(8)).shuffle(others)
         records += others[:MAX_PEER_RECORDS - len(records)]
         self._send(peer, {"type": "peers", "records": records})
@@ -1943,7 +2023,7 @@ class Node:
             try:
                 verify_record(record, int(now), "peers.record")
             except RemoteError as exc:
-                self._misbehaved(peer, "forged_record", exc.message, now)
+                self._misbehaved(peer, forgery_event(exc), exc.message, now)
                 continue
             known = record["domain"] in self.stores.nis
             if self.learn_record(record, now) and known:
@@ -2003,8 +2083,11 @@ class Node:
         for key in [k for k, expires in self.seen.items() if expires <= now]:
             del self.seen[key]
             self.stores.seen.pop(key, None)
-        for domain in [d for d, r in self.stores.nis.items() if r["expires"] <= now and d != self.domain]:
-            del self.stores.nis[domain]
+        for domain in [d for d, expires in self.nis_expiry.items() if expires <= now and d != self.domain]:
+            del self.nis_expiry[domain], self.stores.nis[domain]
+        for domain, known in self.stores.peers.items():   # addresses that stopped working
+            if known.get("fails", 0) >= KNOWN_PEER_FAILURES and known.get("seen", 0) < now - MAX_TTL:
+                del self.stores.peers[domain]
 
     def _set_status(self, mail_id: str, status: str, reason: str) -> None:
         entry = self.stores.outbox[mail_id]
@@ -2029,6 +2112,7 @@ class Node:
             if (domain in self.open or domain == self.domain or self._connecting(target)
                     or (host, port) in connected
                     or self.dial_backoff.get(target, (0, 0))[1] > now
+                    or (domain and self.stores.peers[domain].get("next", 0) > now)
                     or (domain and self.reputation.banned(f"domain:{domain}", int(now)))):
                 continue
             self.dialing[target] = now

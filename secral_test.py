@@ -1117,6 +1117,121 @@ def test_peer_exchange_teaches_addresses_and_the_node_dials_them():
     assert c.domain in a.stores.peers and c.domain in a.open
 
 
+def test_every_valid_mail_fits_in_a_frame():
+    """The plaintext limit keeps the largest mail under the line limit, and a
+    body that escaping would blow past it is refused before it is queued."""
+    sender, recipient = Address("u" * 64, key(0).domain), Address("u" * 64, key(1).domain)
+    subject = '"' * 256                         # each quote is two bytes once encoded
+    base = len(secral.make_plaintext(sender, recipient, subject, "x" * secral.MAX_BODY))
+    quotes = secral.MAX_PLAINTEXT - base        # make the plaintext exactly the limit
+    body = '"' * quotes + "x" * (secral.MAX_BODY - quotes)
+    assert len(secral.make_plaintext(sender, recipient, subject, body)) == secral.MAX_PLAINTEXT
+    worst = secral.seal_mail(key(0), sender, recipient, key(1).public_b64, subject, body, NOW)
+    frame = {"type": "mail", "hops": 8, "mail": worst}
+    assert secral.open_mail(key(1), secral.verify_mail(worst, NOW))["body"] == body
+    assert len(secral.encode_frame(frame)) < secral.MAX_LINE
+    wire, a, b = two_nodes()
+    with pytest.raises(RemoteError) as err:
+        a.submit("Default", addr(b), "s", "\n" * secral.MAX_BODY, wire.now)
+    assert err.value.code == "too_large" and not a.stores.outbox
+
+
+def test_listener_signs_only_after_the_dialler_proved_itself():
+    wire = Wire()
+    a = wire.add("a", key(0))
+    actions = a.connection_made(7, "10.1.1.1", wire.now)
+    replayed = secral.make_hello(wire.add("b", key(1)).record, os.urandom(16))   # a public record
+    actions += a.line_received(7, secral.encode_frame(replayed), wire.now)
+    assert [x.frame["type"] for x in actions if isinstance(x, Send)] == ["hello"]   # no auth from us
+
+
+def test_a_copy_without_hops_does_not_stop_a_better_one():
+    wire = Wire()
+    a, r, c, b = (wire.add(n, key(i)) for i, n in enumerate("arcb"))
+    wire.connect("a", "r")
+    wire.connect("r", "c")
+    mail = sealed(0, 3)
+    conn = wire.conn_between("a", "r")
+    wire.run("a", [Send(conn, {"type": "mail", "hops": 0, "mail": mail})])   # a stunted copy first
+    wire.pump()
+    assert not r.items and secral.mail_key(a.domain, mail["id"]) not in r.seen
+    wire.disconnect("a", "r")                   # (one object, once per connection)
+    wire.connect("a", "r")
+    wire.run("a", [Send(wire.conn_between("a", "r"), {"type": "mail", "hops": 1, "mail": mail})])
+    wire.pump()
+    assert r.items[secral.mail_key(a.domain, mail["id"])].hops == 0
+    wire.disconnect("a", "r")
+    wire.connect("a", "r")                      # a longer-lived copy arrives later
+    wire.run("a", [Send(wire.conn_between("a", "r"), {"type": "mail", "hops": 8, "mail": mail})])
+    wire.pump()
+    assert r.items[secral.mail_key(a.domain, mail["id"])].hops == 7
+    assert c.items[secral.mail_key(a.domain, mail["id"])].hops == 6
+
+
+def test_acks_for_nothing_we_hold_earn_nothing_and_count_against_quota():
+    wire = Wire()
+    a = wire.add("a", key(0))
+    r = wire.add("r", key(2), origin_max_items=3)
+    wire.connect("a", "r")
+    conn = wire.conn_between("a", "r")
+    acks = [secral.make_ack(key(0), {**sealed(1, 0), "id": f"{i:032x}"}, "delivered", "", int(wire.now))
+            for i in range(5)]
+    wire.run("a", [Send(conn, {"type": "ack", "hops": 8, "ack": ack}) for ack in acks])
+    wire.pump()
+    assert r.score(a.domain, wire.now) == 0
+    assert len([k for k in r.stores.relay.keys() if k.startswith("ack/")]) == 3
+    assert [f["code"] for f in wire.frames("r", "error")] == ["quota_exceeded"] * 2
+
+
+def test_getpeers_hands_out_current_records():
+    wire = Wire()
+    a, b, c = wire.add("a", key(0)), wire.add("b", key(1)), wire.add("c", key(2), port=7000)
+    wire.connect("b", "c")
+    c.config.port = 7001
+    c.refresh_record(wire.now + 1)
+    wire.run("c", c._take())
+    wire.pump()
+    wire.connect("a", "b")
+    answers = [f for n, conn, f in wire.sent if n == "b" and f["type"] == "peers" and f["records"]]
+    assert answers[-1]["records"] == [c.record]
+
+
+def test_error_ref_only_touches_what_that_connection_was_given():
+    wire = Wire()
+    a, r, x = wire.add("a", key(0)), wire.add("r", key(2)), wire.add("x", key(3))
+    b = wire.add("b", key(1))
+    a.learn_record(b.record, wire.now)
+    wire.connect("a", "r")
+    wire.connect("a", "x")
+    mail_id = wire.submit("a", addr(b))
+    item = a.items[secral.mail_key(a.domain, mail_id)]
+    conn_r, conn_x = wire.conn_between("a", "r"), wire.conn_between("a", "x")
+    assert {conn_r, conn_x} <= item.offered
+    x_side = wire.links[("a", conn_x)][1]
+    wire.run("x", [Send(x_side, secral.make_error("quota_exceeded", "full", ref=mail_id))])
+    wire.pump()
+    assert conn_x not in item.offered and conn_r in item.offered
+    wire.run("x", [Send(x_side, {"type": "error", "code": "busy", "message": "m", "ref": "../etc"})])
+    wire.pump()
+    assert a.score(x.domain, wire.now) == -10   # a ref that is not an id is malformed
+
+
+def test_nesting_is_limited():
+    ok = b'{"type":"ping","x":' + b"[" * 15 + b"]" * 15 + b"}"      # 16 levels, the frame included
+    assert secral.decode_frame(ok)
+    with pytest.raises(RemoteError) as err:
+        secral.decode_frame(b'{"type":"ping","x":' + b"[" * 16 + b"]" * 16 + b"}")
+    assert err.value.code == "malformed"
+
+
+def test_mail_from_core_is_refused():
+    mail = secral.seal_mail(key(0), Address("Default", key(0).domain), Address("Default", key(1).domain),
+                            key(1).public_b64, "s", "b", NOW)
+    forged = key(0).sign({**mail, "from": f"Core@{key(0).domain}"})
+    with pytest.raises(RemoteError) as err:
+        secral.verify_mail(forged, NOW)
+    assert err.value.code == "bad_address"
+
 def test_random_frames_never_raise_anything_but_handled_errors():
     """A small fuzzer over decode_frame and every handler (issue 6 adds more)."""
     wire, a, b = two_nodes()
@@ -1250,11 +1365,15 @@ class RawPeer:
     """A third-party peer written from the spec alone: a socket, JSON lines,
     and the crypto calls (examples/raw_peer.py is the commented version)."""
 
-    def __init__(self, port: int, identity: Identity, source: str = "127.0.0.1"):
-        self.identity = identity
+    def __init__(self, port: int, identity: Identity | None, source: str = "127.0.0.1"):
+        self._identity = identity
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
         self.file = self.sock.makefile("rb")
         self.received: list[dict] = []
+
+    @property
+    def identity(self) -> Identity:
+        return self._identity
 
     def send(self, frame: dict) -> None:
         self.sock.sendall(json.dumps(frame).encode() + b"\n")
@@ -1654,3 +1773,262 @@ def test_users_and_contacts_on_real_nodes(procs, tmp_path):
     procs(A, 60)
     assert [u["name"] for u in json.loads(cli("users", "list", "--json", data_dir=B).stdout)] == ["carol", "Default"]
     assert json.loads(cli("contacts", "list", "--json", data_dir=A).stdout) == [{"name": "Al", "address": f"alice@{b.domain}"}]
+
+
+# =============================================================================
+# Hostile input: a node under attack keeps serving honest peers
+# =============================================================================
+
+@pytest.fixture
+def no_crashes():
+    """Fail the test if any thread dies or the node logs an unexpected error."""
+    import logging
+    problems: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            problems.append(self.format(record))
+    handler = Catch(level=logging.ERROR)
+    logger = logging.getLogger("secral")
+    logger.addHandler(handler)
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: problems.append(f"thread died: {args.exc_value!r}")
+    yield problems
+    logger.removeHandler(handler)
+    threading.excepthook = old_hook
+    assert problems == []
+
+
+class Attacker(RawPeer):
+    """A hostile peer with its own key and its own loopback address."""
+
+    def __init__(self, port: int, index: int, key_index: int | None = None):
+        super().__init__(port, None, source=f"127.0.0.{index}")
+        self.ip = f"127.0.0.{index}"
+        self.key_index = index if key_index is None else key_index
+        self.sock.settimeout(15)
+
+    @property
+    def identity(self) -> Identity:             # only attackers that shake hands need a key
+        return key(self.key_index)
+
+    def raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def closed_by_peer(self) -> bool:
+        """Read until the node hangs up (True) or goes quiet for a while (False)."""
+        try:
+            while self.recv() is not None:
+                pass
+            return True
+        except (socket.timeout, OSError):
+            return False
+
+
+def score_of(node: LiveNode, subject: str) -> int:
+    with node.shell.lock:
+        return node.shell.core.reputation.score(subject, int(time.time()))
+
+
+def banned(node: LiveNode, subject: str) -> bool:
+    with node.shell.lock:
+        return node.shell.core.reputation.banned(subject, int(time.time()))
+
+
+@pytest.fixture
+def target(live, no_crashes):
+    """A node under attack and an honest peer that keeps sending it mail."""
+    t = live(70)
+    honest = live(71, [t])
+    eventually(lambda: t.domain in honest.peer_domains())
+    counter = iter(range(10**6))
+
+    def honest_mail_arrives() -> bool:
+        entry = honest("send", to=t.address(), subject=f"honest {next(counter)}", body="still here")
+        return honest("wait", id=entry["id"], timeout=20)["status"] == "delivered"
+    t.honest_mail_arrives = honest_mail_arrives
+    t.honest = honest
+    return t
+
+
+def now_int() -> int:
+    return int(time.time())
+
+
+def test_hostile_bytes_before_the_handshake(target):
+    """Before the handshake any error ends the connection, scored by its event."""
+    cases = [
+        # (attacker index, what it sends, expected score change)
+        (101, os.urandom(2000).replace(b"\n", b"") + b"\n", -20),        # random bytes
+        (102, b'{"type":"ping","s":"\xff\xfe"}\n', -20),                # invalid UTF-8
+        (103, b'[1,2,3]\n', -10),                                       # JSON, not an object
+        (104, b'{"type":"mail","hops":1,"mail":{}}\n', -50),             # a frame before the handshake
+        (105, b'{"type":"hello","v":1}\n', -10),                          # a hello without its fields
+        (106, b'{"type":"hello","v":2,"record":{},"nonce":"","agent":""}\n', 0),   # another version
+        (107, b'{"type":"teleport"}\n', -2),                              # an unknown type
+    ]
+    for index, data, change in cases:
+        attacker = Attacker(target.port, index)
+        attacker.wait_for("hello")
+        attacker.raw(data)
+        assert attacker.closed_by_peer(), index
+        assert score_of(target, f"ip:{attacker.ip}") == change, index
+        attacker.close()
+    assert target.honest_mail_arrives()
+
+
+def test_hostile_line_limits_and_slow_lines(target):
+    slow = Attacker(target.port, 110)
+    slow.raw(b'{"type":"hel')                     # a line never finished
+    half = Attacker(target.port, 111)             # a connection that says nothing
+    under = Attacker(target.port, 112)
+    pad = secral.MAX_LINE - len(b'{"type":"ping","p":""}\n')
+    under.raw(b'{"type":"ping","p":"' + b"a" * pad + b'"}\n')     # exactly at the limit: parsed
+    eventually(lambda: score_of(target, "ip:127.0.0.112") == -50)   # (and then: not_ready)
+    over = Attacker(target.port, 113)
+    over.raw(b'{"type":"ping","p":"' + b"a" * (pad + 1) + b'"}\n')  # one byte over: not buffered
+    assert over.closed_by_peer()
+    assert score_of(target, "ip:127.0.0.113") == -50
+    assert target.honest_mail_arrives()
+    # The handshake timeout closes the slow and the silent ones.
+    assert slow.closed_by_peer() and half.closed_by_peer()
+    for a in (slow, half, under, over):
+        a.close()
+
+
+def test_hostile_replayed_handshake_and_borrowed_identity(target):
+    first = Attacker(target.port, 120)
+    hello = first.handshake()
+    sent_auth = secral.make_auth(key(120), hello["nonce"], target.domain)
+    first.close()
+    replay = Attacker(target.port, 121)
+    replay.wait_for("hello")
+    record = secral.make_record(key(120), None, 0, 1, now_int() + 3600)
+    replay.send(secral.make_hello(record, os.urandom(16)))
+    replay.send(sent_auth)                         # signed for the old connection's nonce
+    assert replay.closed_by_peer()
+    assert score_of(target, "ip:127.0.0.121") == -25
+    assert score_of(target, f"domain:{key(120).domain}") == 0      # the victim is not blamed
+    impostor = Attacker(target.port, 122)          # presents the honest node's record
+    impostor.wait_for("hello")
+    impostor.send(secral.make_hello(target.honest.shell.core.record, os.urandom(16)))
+    impostor.send(secral.make_auth(key(122), hello["nonce"], target.domain))
+    assert impostor.closed_by_peer()
+    assert score_of(target, f"domain:{target.honest.domain}") >= 0
+    assert target.honest.domain in target.peer_domains()
+    assert target.honest_mail_arrives()
+
+
+def mail_frame(sender: int, recipient: Identity, hops: int = 8, **change) -> dict:
+    now = now_int()
+    mail = secral.seal_mail(key(sender), Address("Default", key(sender).domain), Address("Default", recipient.domain),
+                            recipient.public_b64, "attack", "body", change.pop("created", now),
+                            change.pop("ttl", 600))
+    if change:
+        mail = key(change.pop("signer", sender)).sign({**mail, **change})
+    return {"type": "mail", "hops": hops, "mail": mail}
+
+
+def test_hostile_mail_after_the_handshake(target):
+    t = target.identity
+    cases = [
+        # (attacker, frame, expected event)
+        (130, lambda: {**mail_frame(130, t), "mail": {**mail_frame(130, t)["mail"], "subject": "x", "id": "a" * 32}},
+         "bad_signature"),
+        (131, lambda: mail_frame(131, t, from_key=key(132).public_b64, signer=132), "bad_domain"),
+        (133, lambda: mail_frame(133, t, created=now_int() - 7200, ttl=3600), "expired"),
+        (134, lambda: mail_frame(134, t, created=now_int() + 3600), "future"),
+        (135, lambda: {**mail_frame(135, t), "hops": 9}, "bad_hops"),
+        (136, lambda: {"type": "mail", "hops": 1, "mail": {"kind": "mail"}}, "malformed"),
+        (137, lambda: {"type": "teleport"}, "unknown_type"),
+    ]
+    for index, make, event in cases:
+        attacker = Attacker(target.port, index)
+        attacker.handshake()
+        attacker.send(make())
+        attacker.send({"type": "ping"})
+        assert attacker.wait_for("pong"), index
+        assert score_of(target, f"domain:{key(index).domain}") == secral.REPUTATION_EVENTS[event][0], index
+        attacker.close()
+    # An oversize body passes relays (they cannot see it) but the recipient rejects it.
+    attacker = Attacker(target.port, 138)
+    attacker.handshake()
+    big = secral.seal_mail(key(138), Address("Default", key(138).domain), Address("Default", t.domain),
+                           t.public_b64, "s", "b", now_int())
+    frame = mail_frame(138, t)
+    plain = secral.canonical_json({"from": big["from"], "to": big["to"], "subject": "s", "body": "x" * (secral.MAX_BODY + 1)})
+    aes, nonce = os.urandom(32), os.urandom(12)
+    env = {k: big[k] for k in ("kind", "id", "from", "to", "from_key", "created", "expires")}
+    env["ct"] = secral.b64e(secral.seal_gcm(aes, nonce, plain, secral.envelope_of(env)))
+    env["nonce"], env["key"] = secral.b64e(nonce), secral.b64e(secral.wrap_key(secral.parse_public_key(t.public_b64), aes))
+    attacker.send({**frame, "mail": key(138).sign(env)})
+    ack = attacker.wait_for("ack")["ack"]
+    assert (ack["status"], ack["reason"]) == ("rejected", "too_large")
+    attacker.close()
+    assert target.honest_mail_arrives()
+
+
+def test_hostile_every_frame_type_with_bad_fields(target):
+    """Every frame type with missing, wrong-typed, out-of-range and extra fields."""
+    d = target.domain
+    bad = {
+        "mail": [{}, {"hops": "1", "mail": {}}, {"hops": 99, "mail": {}}, {"hops": 1, "mail": []}],
+        "ack": [{}, {"hops": None, "ack": {}}, {"hops": -5, "ack": {}}, {"hops": 1, "ack": {"kind": "ack"}}],
+        "nis_query": [{}, {"qid": 5, "domain": d, "hops": 1}, {"qid": "0" * 32, "domain": "x", "hops": 1},
+                      {"qid": "0" * 32, "domain": d, "hops": 4}],
+        "nis_answer": [{}, {"qid": "0" * 32, "record": "x"}],
+        "peers": [{}, {"records": "x"}, {"records": [{"kind": "nis"}]}],
+        "error": [{}, {"code": 1, "message": "x"}],
+        "hello": [{}], "auth": [{}],
+    }
+    for n, (type_, variants) in enumerate(bad.items()):
+        subject = f"domain:{key(140 + n).domain}"          # one attacker key per frame type
+        for m, fields in enumerate(variants):
+            before = score_of(target, subject)
+            attacker = Attacker(target.port, 150 + 5 * n + m, key_index=140 + n)
+            attacker.handshake()
+            attacker.send({"type": type_, **fields, "extra": {"ignored": [1, 2]}})
+            attacker.send({"type": "ping"})
+            if type_ not in ("hello", "auth"):
+                assert attacker.wait_for("pong"), (type_, fields)
+            eventually(lambda: score_of(target, subject) < before, timeout=5)
+            attacker.close()
+    assert target.honest_mail_arrives()
+
+
+def test_hostile_duplicate_flood_gets_banned(target):
+    attacker = Attacker(target.port, 170)
+    attacker.handshake()
+    frame = mail_frame(170, target.identity)
+    for _ in range(40):
+        attacker.send(frame)
+    assert attacker.closed_by_peer()
+    assert banned(target, f"domain:{key(170).domain}") and banned(target, "ip:127.0.0.170")
+    assert [m for m in target("inbox") if m["subject"] == "attack"] and len(
+        [m for m in target("inbox") if m["subject"] == "attack"]) == 1
+    bans = target("peers", banned=True)
+    assert {b["subject"] for b in bans} >= {f"domain:{key(170).domain}", "ip:127.0.0.170"}
+    # The banned address is refused at once, before any parsing.
+    again = Attacker(target.port, 170)
+    assert again.closed_by_peer()
+    again.close()
+    assert target.honest_mail_arrives()
+
+
+def test_hostile_two_hundred_idle_connections(target):
+    socks = []
+    for i in range(200):
+        s = socket.create_connection(("127.0.0.1", target.port), source_address=(f"127.0.{1 + i // 100}.{10 + i % 100}", 0))
+        socks.append(s)
+    time.sleep(0.5)
+    with target.shell.lock:
+        assert len(target.shell.core.peers) <= target.config.max_inbound + 2
+    threads = threading.active_count()
+    assert target.honest_mail_arrives()
+    late = live_peer = Attacker(target.port, 180)       # a newcomer still gets a hello
+    assert live_peer.wait_for("hello")
+    late.close()
+    for s in socks:
+        s.close()
+    eventually(lambda: len(target.shell.conns) <= 3)
+    assert threading.active_count() <= threads
