@@ -629,6 +629,19 @@ def run_vector(v: dict, keys: dict[str, Identity]) -> str:
         return attempt(lambda: secral.verify_auth(v["auth"], v["record"], v["own_nonce"], v["own_domain"]))[0]
     if op == "verify_frame":
         return attempt(lambda: secral.verify_frame(v["frame"]))[0]
+    if op == "verify_nis_answer":
+        code, _ = attempt(lambda: secral.verify_nis_answer(v["answer"], v["query_domain"], v["now"]))
+        event = None if code == "ok" else secral.forgery_event(RemoteError(code, ""))
+        assert event == v["event"]
+        return code
+    if op == "nis_map":
+        node = Node(keys["alice"], Stores.memory(), Config(), v["now"], Counter(9))
+        for offer in v["offers"]:
+            with contextlib.suppress(RemoteError):
+                node.learn_record(secral.verify_record(offer, v["now"]), v["now"])
+        found = {d: {"seq": r["seq"], "host": r["host"]} for d, r in node.stores.nis.items() if d != node.domain}
+        assert found == v["map"]
+        return "ok"
     raise AssertionError(f"unknown op {op}")
 
 
@@ -651,7 +664,8 @@ def test_vectors_cover_every_op_and_many_codes():
             ops.add(v["op"])
             codes.add(v["expect"])
     assert {"seal_mail", "open_mail", "verify_mail", "make_ack", "verify_ack", "verify_record",
-            "verify_auth", "verify_frame", "decode_frame", "domain_of_key", "parse_address"} <= ops
+            "verify_auth", "verify_frame", "decode_frame", "domain_of_key", "parse_address",
+            "verify_nis_answer", "nis_map", "record_supersedes"} <= ops
     assert {"bad_signature", "malformed", "expired", "too_large", "bad_domain", "decrypt_failed",
             "mismatch", "future", "bad_ttl", "bad_key", "bad_address", "wrong_recipient", "not_json",
             "unknown_type", "bad_hops"} <= codes

@@ -77,6 +77,8 @@ def encoding_vectors() -> dict:
         ("escapes in the input are decoded then re-encoded minimally", '{"type":"ping","text":"\\u00e9\\n\\t\\"\\\\\\u0001\\u007f\\u2028"}'),
         ("the largest exact integer", '{"type":"ping","n":9007199254740991,"m":-9007199254740991}'),
         ("nested objects are sorted too", '{"type":"ping","o":{"z":1,"y":{"b":2,"a":1}}}'),
+        ("16 levels of nesting, the frame included", '{"type":"ping","x":' + "[" * 15 + "]" * 15 + "}"),
+        ("17 levels of nesting", '{"type":"ping","x":' + "[" * 16 + "]" * 16 + "}"),
         ("2**53 is out of range", '{"type":"ping","n":9007199254740992}'),
         ("no fractions", '{"type":"ping","n":1.0}'),
         ("no exponents", '{"type":"ping","n":1e3}'),
@@ -265,6 +267,8 @@ def mail_vectors(keys) -> dict:
         ("kind is ack", resign(good, "m-kind", kind="ack"), NOW),
         ("created is a string", resign(good, "m-created", created=str(created)), NOW),
         ("the from address is not an address", resign(good, "m-from", **{"from": "alice"}), NOW),
+        ("from Core, which never sends mail",
+         resign(good, "m-core", **{"from": f"Core@{keys['alice'].domain}"}), NOW),
         ("missing sig", {k: v for k, v in good.items() if k != "sig"}, NOW),
     ]
     for comment, mail, now in relay_cases:
@@ -339,6 +343,7 @@ def acks_vectors(keys) -> dict:
         ("signed by Carol in Bob's name",
          keys["carol"].sign({**delivered, "from_key": keys["carol"].public_b64}, Script(det("a-carol", 32))), NOW),
         ("a reason over 256 characters", resign("a-reason", reason="x" * 257), NOW),
+        ("a reason with a line break", resign("a-reason-ctl", reason="no_such_user\nBcc: eve"), NOW),
         ("kind is mail", resign("a-kind", kind="mail"), NOW),
     ]
     for comment, obj, now in cases:
@@ -419,6 +424,62 @@ def frames_vectors(keys) -> dict:
             "vectors": vectors}
 
 
+# -- NIS lookups ------------------------------------------------------------------------------
+
+def nis_vectors(keys) -> dict:
+    alice, bob, carol = keys["alice"], keys["bob"], keys["carol"]
+
+    def record(identity, seq, label, host="198.51.100.9", port=7700, expires=NOW + 86400, **change):
+        rec = secral.make_record(identity, host, port, seq, expires, Script(det(label, 32)))
+        return identity.sign({**rec, **change}, Script(det(label + "/2", 32))) if change else rec
+
+    qid = det("nis-qid", 16).hex()
+    bob1 = record(bob, 1_800_000_000, "nis-bob1")
+    vectors = []
+    for comment, answer, domain, expect_event in [
+        ("the record asked for", bob1, bob.domain, None),
+        ("a valid record, but for another domain", record(carol, 5, "nis-carol"), bob.domain, "forged_record"),
+        ("Carol's signature on a record claiming Bob's domain",
+         record(carol, 9, "nis-forged", domain=bob.domain), bob.domain, "forged_record"),
+        ("Bob's record with Carol's key", {**bob1, "key": carol.public_b64}, bob.domain, "forged_record"),
+        ("Bob's record, host changed by the answerer", {**bob1, "host": "203.0.113.66"}, bob.domain,
+         "forged_record"),
+        ("an expired record: stale, not forged", record(bob, 3, "nis-old", expires=NOW - 1), bob.domain, "expired"),
+        ("not a record", {"kind": "nis"}, bob.domain, "malformed"),
+    ]:
+        frame = {"type": "nis_answer", "qid": qid, "record": answer}
+        code, _ = outcome(secral.verify_nis_answer, frame, domain, NOW)
+        event = None if code == "ok" else secral.forgery_event(RemoteError(code, ""))
+        assert event == expect_event, (comment, code, event)
+        vectors.append({"op": "verify_nis_answer", "comment": comment, "now": NOW, "query_domain": domain,
+                        "answer": frame, "event": event, "expect": code})
+    bob2 = record(bob, bob1["seq"] + 1, "nis-bob2", host="198.51.100.10")
+    bob0 = record(bob, bob1["seq"] - 1, "nis-bob0", host="198.51.100.8")
+    for comment, offers, result in [
+        ("records fill an empty map", [bob1, record(carol, 1, "nis-c1")], None),
+        ("a higher seq replaces", [bob1, bob2], None),
+        ("a lower seq arriving later changes nothing", [bob2, bob0, bob1], None),
+        ("an equal seq does not replace, even with another host", [bob1, {**bob1, "host": "x"}], None),
+        ("a record that does not verify is never stored", [bob1, {**bob2, "host": "203.0.113.66"}], None),
+    ]:
+        nis_map: dict[str, dict] = {}
+        for offer in offers:
+            try:
+                secral.verify_record(offer, NOW)
+            except RemoteError:
+                continue
+            if secral.record_supersedes(offer, nis_map.get(offer["domain"])):
+                nis_map[offer["domain"]] = offer
+        vectors.append({"op": "nis_map", "comment": comment, "now": NOW, "offers": offers,
+                        "map": {d: {"seq": r["seq"], "host": r["host"]} for d, r in sorted(nis_map.items())},
+                        "expect": "ok"})
+    return {"description": "NIS lookups (5.4): verify_nis_answer checks the record in an answer to a "
+                           "query for 'query_domain'; 'event' is the reputation event the answerer earns "
+                           "(9.1). nis_map offers records in order to an empty NIS map (verify, then keep "
+                           "only a strictly higher seq) and shows the map at the end.",
+            "vectors": vectors}
+
+
 # -- driver -------------------------------------------------------------------------------------
 
 def render(obj: dict) -> str:
@@ -435,6 +496,7 @@ def build() -> dict[str, str]:
         "acks.json": acks_vectors(keys),
         "handshake.json": handshake_vectors(keys),
         "frames.json": frames_vectors(keys),
+        "nis.json": nis_vectors(keys),
     }
     return {name: render({"file": name, **content}) for name, content in files.items()}
 
