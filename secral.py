@@ -2294,6 +2294,7 @@ MAX_QUEUE_BYTES = 16 << 20      # unsent bytes per connection; a peer that does 
 DIAL_TIMEOUT = 5                # seconds to establish a TCP connection
 TICK_SECONDS = 0.5              # how often the core is told that time passed
 SOCKET_TIMEOUT = IDLE_TIMEOUT + 30   # a safety net under the core's own timeouts
+SERVE_POLL = 0.05               # seconds; how soon a listening server notices stop()
 
 
 class Connection:
@@ -2446,7 +2447,8 @@ class NodeShell:
     """Runs a Node core on real sockets: listener, dialers, tick, control port."""
 
     def __init__(self, data_dir: str, config: Config, listen: tuple[str, int] | None,
-                 clock: Clock | None = None, identity: Identity | None = None):
+                 clock: Clock | None = None, identity: Identity | None = None,
+                 smtp: tuple[str, int] | None = None, pop3: tuple[str, int] | None = None):
         self.data_dir = data_dir
         self.clock = clock or Clock()
         self.identity = identity or load_identity(os.path.join(data_dir, "node.key"))
@@ -2463,6 +2465,8 @@ class NodeShell:
         self.core = Node(self.identity, self.stores, config, self.clock(), os.urandom)
         self.control: "ControlServer | None" = None
         self.threads: list[threading.Thread] = []
+        self.mail_servers = {name: MailClientServer(address, handler, self) for name, address, handler
+                             in (("smtp", smtp, SmtpHandler), ("pop3", pop3, Pop3Handler)) if address}
 
     @property
     def port(self) -> int | None:
@@ -2560,10 +2564,12 @@ class NodeShell:
 
     def start(self) -> None:
         if self.server:
-            self.threads.append(self._spawn(self.server.serve_forever, name="secral-listen"))
+            self.threads.append(self._spawn(self.server.serve_forever, SERVE_POLL, name="secral-listen"))
         self.threads.append(self._spawn(self._tick_loop, name="secral-tick"))
         self.control = ControlServer(self)
-        self.threads.append(self._spawn(self.control.serve_forever, name="secral-control"))
+        self.threads.append(self._spawn(self.control.serve_forever, SERVE_POLL, name="secral-control"))
+        for name, server in self.mail_servers.items():
+            self.threads.append(self._spawn(server.serve_forever, SERVE_POLL, name=f"secral-{name}"))
         self.control.publish()
         self.call("tick")
 
@@ -2584,9 +2590,10 @@ class NodeShell:
             self.control.unpublish()
             self.control.shutdown()
             self.control.server_close()
-        if self.server:
-            self.server.shutdown()
-            self.server.server_close()
+        for server in [self.server, *self.mail_servers.values()]:
+            if server:
+                server.shutdown()
+                server.server_close()
         with self.lock:
             self.execute(self.core.close_all(self.clock()))
             self.changed.notify_all()
@@ -2854,6 +2861,17 @@ class Control:
             self.stores.passwords.pop(key, None)
         return {"name": name, "removed_mails": len(mails)}
 
+    def cmd_passwd(self, user: str, password: str) -> dict:
+        """Set the password a mail client uses for `user` (SMTP and POP3)."""
+        if len(password) < 8:
+            raise LocalError("refused", "a password needs at least 8 characters")
+        with self.shell.lock:
+            known = self.stores.users.get(user.lower())
+            if known is None:
+                raise LocalError("not_found", f"no local user {user!r}")
+            self.stores.passwords[user.lower()] = hash_password(password)
+        return {"user": known["name"]}
+
     def cmd_contacts_list(self) -> list[dict]:
         with self.shell.lock:
             return [self.stores.contacts[k] for k in sorted(self.stores.contacts.keys())]
@@ -2879,6 +2897,336 @@ class Control:
             raise LocalError("not_found", f"no contact {name!r}")
         return contact
 
+
+# =============================================================================
+# Mail clients: SMTP submission and POP3
+# =============================================================================
+# So that Thunderbird, mutt or Python's smtplib/poplib can use a node, it can
+# serve the subset of SMTP submission (RFC 5321, RFC 4954 AUTH PLAIN) and
+# POP3 (RFC 1939) a mail client needs, on 127.0.0.1 by default: these ports
+# carry passwords and plaintext, and are meant for the machine the node runs
+# on.  Passwords are set with `secral.py passwd USER` and kept as salted
+# scrypt hashes.  Nothing here is part of the Secral protocol.
+
+MAIL_LINE = 4096                # bytes in one SMTP/POP3 command line
+MAIL_MESSAGE = 4 << 20          # bytes in one SMTP DATA section, before it is parsed
+MAIL_TIMEOUT = 300              # seconds a mail client may stay silent
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}   # ~50 ms and 16 MiB per check
+
+
+def hash_password(password: str, salt: bytes | None = None, **params: int) -> dict:
+    params = params or SCRYPT
+    salt = salt or os.urandom(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, dklen=32, maxmem=64 << 20, **params)
+    return {"salt": b64e(salt), "hash": b64e(digest), **params}
+
+
+def check_password(stored: dict | None, password: str) -> bool:
+    if stored is None:
+        hash_password(password)                 # the same work for unknown users
+        return False
+    params = {k: stored[k] for k in ("n", "r", "p")}
+    again = hash_password(password, base64.b64decode(stored["salt"]), **params)
+    return hmac.compare_digest(again["hash"], stored["hash"])
+
+
+def message_of(entry: dict, contact: str | None = None) -> bytes:
+    """An inbox entry as an RFC 5322 message (CRLF line ends), the same bytes
+    every time: POP3 sizes and UIDLs must not change between sessions."""
+    import email.message
+    import email.policy
+    import email.utils
+    message = email.message.EmailMessage(policy=email.policy.SMTP)
+    sender = parse_address(entry["from"])
+    message["From"] = email.utils.formataddr((contact or "", str(sender)))
+    message["To"] = entry["to"]
+    message["Subject"] = entry["subject"]
+    message["Date"] = email.utils.formatdate(entry["created"], usegmt=True)
+    message["Message-ID"] = f"<{entry['id']}@{sender.domain}>"
+    message.set_content(entry["body"])
+    return message.as_bytes()
+
+
+def parse_submission(data: bytes) -> tuple[str, str]:
+    """Subject and text body of a message a mail client submitted."""
+    import email.parser
+    import email.policy
+    message = email.parser.BytesParser(policy=email.policy.default).parsebytes(data)
+    subject = " ".join(str(message.get("Subject", "")).split())       # unfolded, one line
+    part = message.get_body(preferencelist=("plain",))
+    if part is None:
+        raise LocalError("refused", "the message has no text/plain part")
+    body = part.get_content()
+    return subject, body.replace("\r\n", "\n")
+
+
+class MailClientHandler(socketserver.StreamRequestHandler):
+    """Shared line handling for the SMTP and POP3 sessions."""
+
+    timeout = MAIL_TIMEOUT
+
+    def send(self, line: str) -> None:
+        self.wfile.write(line.encode("utf-8") + b"\r\n")
+
+    def read_command(self) -> tuple[str, str] | None:
+        line = self.rfile.readline(MAIL_LINE + 1)
+        if not line or not line.endswith(b"\n"):
+            return None
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+        verb, _, rest = text.partition(" ")
+        return verb.upper(), rest.strip()
+
+    def handle(self) -> None:
+        try:
+            self.session()
+        except (OSError, ValueError):
+            pass                               # the client went away
+
+
+class SmtpHandler(MailClientHandler):
+    """SMTP submission (RFC 5321 subset + AUTH PLAIN): one Secral mail per DATA."""
+
+    def session(self) -> None:
+        shell: NodeShell = self.server.shell
+        domain = shell.identity.domain
+        self.send(f"220 {domain} Secral ESMTP ready")
+        user, sender, recipient = None, None, None
+        while (command := self.read_command()) is not None:
+            verb, arg = command
+            if verb in ("EHLO", "HELO"):
+                sender, recipient = None, None
+                if verb == "HELO":
+                    self.send(f"250 {domain}")
+                else:
+                    self.send(f"250-{domain} greets {arg[:64] or 'you'}")
+                    for ext in ("AUTH PLAIN", f"SIZE {MAIL_MESSAGE}", "8BITMIME", "SMTPUTF8"):
+                        self.send(f"250-{ext}")
+                    self.send("250 ENHANCEDSTATUSCODES")
+            elif verb == "AUTH":
+                mechanism, _, initial = arg.partition(" ")
+                if mechanism.upper() != "PLAIN":
+                    self.send("504 5.5.4 Only AUTH PLAIN is supported")
+                    continue
+                if not initial:
+                    self.send("334 ")
+                    initial = (self.rfile.readline(MAIL_LINE).decode("ascii", "replace")).strip()
+                user = self._authenticate(initial)
+                self.send("235 2.7.0 Authentication successful" if user else
+                          "535 5.7.8 Authentication credentials invalid")
+            elif verb == "MAIL":
+                if not user:
+                    self.send("530 5.7.0 Authentication required")
+                    continue
+                address = self._path(arg, "FROM")
+                if address is None or address.lower() != f"{user}@{domain}".lower():
+                    self.send(f"553 5.7.1 You may send only as {user}@{domain}")
+                    continue
+                sender, recipient = address, None
+                self.send("250 2.1.0 Sender OK")
+            elif verb == "RCPT":
+                if sender is None:
+                    self.send("503 5.5.1 MAIL first")
+                    continue
+                address = self._path(arg, "TO")
+                if recipient is not None:
+                    self.send("452 4.5.3 A Secral mail has exactly one recipient")
+                elif address is None:
+                    self.send("501 5.1.3 Bad recipient address syntax")
+                else:
+                    user_part, _, host = address.rpartition("@")
+                    try:
+                        recipient = str(parse_address(f"{user_part}@{host.lower()}"))
+                        self.send("250 2.1.5 Recipient OK")
+                    except RemoteError:
+                        self.send(f"550 5.1.2 {address[:80]} is not a Secral address (user@node-...)")
+            elif verb == "DATA":
+                if recipient is None:
+                    self.send("503 5.5.1 RCPT first")
+                    continue
+                self.send("354 End data with <CR><LF>.<CR><LF>")
+                data = self._read_data()
+                if data is None:
+                    self.send(f"552 5.3.4 Message larger than {MAIL_MESSAGE} bytes")
+                else:
+                    self.send(self._submit(user, recipient, data))
+                sender, recipient = None, None
+            elif verb == "RSET":
+                sender, recipient = None, None
+                self.send("250 2.0.0 Reset")
+            elif verb == "NOOP":
+                self.send("250 2.0.0 OK")
+            elif verb == "QUIT":
+                self.send("221 2.0.0 Bye")
+                return
+            else:
+                self.send("500 5.5.2 Command not recognised")
+
+    def _authenticate(self, initial: str) -> str | None:
+        try:
+            _, name, password = base64.b64decode(initial, validate=True).decode("utf-8").split("\0")
+        except (ValueError, binascii.Error):
+            return None
+        shell: NodeShell = self.server.shell
+        with shell.lock:
+            stored = shell.stores.passwords.get(name.lower()) if USER_RE.fullmatch(name) else None
+            known = shell.stores.users.get(name.lower())
+        return known["name"] if check_password(stored, password) and known else None
+
+    @staticmethod
+    def _path(arg: str, word: str) -> str | None:
+        match = re.match(rf"{word}:\s*<([^<>\s]*)>", arg, re.IGNORECASE)
+        return match.group(1) if match and "@" in match.group(1) else None
+
+    def _read_data(self) -> bytes | None:
+        lines, size = [], 0
+        while True:
+            line = self.rfile.readline(MAIL_LINE * 4)
+            if not line:
+                raise ValueError("the client hung up during DATA")
+            if line in (b".\r\n", b".\n"):
+                return b"".join(lines) if size <= MAIL_MESSAGE else None
+            size += len(line)
+            if size <= MAIL_MESSAGE:
+                lines.append(line[1:] if line.startswith(b".") else line)   # dot-stuffing
+
+    def _submit(self, user: str, recipient: str, data: bytes) -> str:
+        shell: NodeShell = self.server.shell
+        try:
+            subject, body = parse_submission(data)
+            mail_id = shell.call("submit", user, recipient, subject, body)
+        except SecralError as exc:
+            if exc.code == "too_large":
+                return f"552 5.3.4 {exc.message}"
+            return f"554 5.6.0 {exc.message}"
+        except Exception as exc:               # a message the email package cannot read
+            return f"554 5.6.0 Cannot read the message: {exc}"
+        return f"250 2.0.0 Queued as {mail_id}"
+
+
+class Pop3Handler(MailClientHandler):
+    """POP3 (RFC 1939) over a user's inbox; deletions happen at QUIT."""
+
+    def session(self) -> None:
+        shell: NodeShell = self.server.shell
+        self.send("+OK Secral POP3 ready")
+        name = user = None
+        while user is None:
+            command = self.read_command()
+            if command is None:
+                return
+            verb, arg = command
+            if verb == "USER":
+                name = arg
+                self.send("+OK send PASS")
+            elif verb == "PASS" and name is not None:
+                with shell.lock:
+                    stored = shell.stores.passwords.get(name.lower()) if USER_RE.fullmatch(name) else None
+                if check_password(stored, arg) and self.server.lock_user(name.lower()):
+                    user = name.lower()
+                else:
+                    self.send("-ERR invalid user name or password, or the mailbox is in use")
+                    name = None
+            elif verb == "QUIT":
+                self.send("+OK bye")
+                return
+            elif verb == "CAPA":
+                self.send("+OK capabilities follow")
+                for capa in ("USER", "UIDL", "TOP", "."):
+                    self.send(capa)
+            else:
+                self.send("-ERR USER and PASS first")
+        try:
+            self._transaction(user)
+        finally:
+            self.server.unlock_user(user)
+
+    def _transaction(self, user: str) -> None:
+        shell: NodeShell = self.server.shell
+        with shell.lock:
+            contacts = {parse_address(c["address"]).key: c["name"] for c in shell.stores.contacts.values()}
+            entries = sorted(((k, e) for k, e in shell.stores.inbox.items() if e["user"] == user),
+                             key=lambda ke: (ke[1]["received"], ke[0]))
+        messages = [(key, message_of(e, contacts.get(parse_address(e["from"]).key))) for key, e in entries]
+        deleted: set[int] = set()
+        self.send(f"+OK {len(messages)} messages")
+
+        def pick(arg: str) -> int | None:
+            if arg.isdigit() and 1 <= int(arg) <= len(messages) and int(arg) - 1 not in deleted:
+                return int(arg) - 1
+            self.send("-ERR no such message")
+            return None
+
+        while (command := self.read_command()) is not None:
+            verb, arg = command
+            live = [i for i in range(len(messages)) if i not in deleted]
+            if verb == "STAT":
+                self.send(f"+OK {len(live)} {sum(len(messages[i][1]) for i in live)}")
+            elif verb in ("LIST", "UIDL"):
+                show = (lambda i: len(messages[i][1])) if verb == "LIST" else (lambda i: messages[i][0])
+                if arg:
+                    if (i := pick(arg)) is not None:
+                        self.send(f"+OK {i + 1} {show(i)}")
+                else:
+                    self.send(f"+OK {len(live)} messages")
+                    for i in live:
+                        self.send(f"{i + 1} {show(i)}")
+                    self.send(".")
+            elif verb in ("RETR", "TOP"):
+                number, _, lines = arg.partition(" ")
+                if verb == "TOP" and not lines.strip().isdigit():
+                    self.send("-ERR TOP needs a message number and a line count")
+                    continue
+                if (i := pick(number)) is None:
+                    continue
+                data = messages[i][1]
+                if verb == "TOP":
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    data = head + b"\r\n\r\n" + b"".join(body.splitlines(True)[:int(lines)])
+                self.send(f"+OK {len(data)} octets")
+                for line in data.split(b"\r\n")[:-1] if data.endswith(b"\r\n") else data.split(b"\r\n"):
+                    self.wfile.write((b"." + line if line.startswith(b".") else line) + b"\r\n")
+                self.send(".")
+            elif verb == "DELE":
+                if (i := pick(arg)) is not None:
+                    deleted.add(i)
+                    self.send(f"+OK message {i + 1} deleted")
+            elif verb == "RSET":
+                deleted.clear()
+                self.send(f"+OK {len(messages)} messages")
+            elif verb == "NOOP":
+                self.send("+OK")
+            elif verb == "QUIT":
+                with shell.lock:                # the UPDATE state: deletions now (RFC 1939 section 6)
+                    for i in deleted:
+                        shell.stores.inbox.pop(messages[i][0], None)
+                self.send(f"+OK bye, {len(deleted)} messages deleted")
+                return
+            else:
+                self.send("-ERR command not recognised")
+
+
+class MailClientServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], handler: type, shell: NodeShell):
+        self.shell = shell
+        self.locked: set[str] = set()
+        self.locked_guard = threading.Lock()
+        super().__init__(address, handler)
+
+    def lock_user(self, user: str) -> bool:
+        """RFC 1939: one POP3 session per mailbox at a time."""
+        with self.locked_guard:
+            if user in self.locked:
+                return False
+            self.locked.add(user)
+            return True
+
+    def unlock_user(self, user: str) -> None:
+        with self.locked_guard:
+            self.locked.discard(user)
 
 # =============================================================================
 # Command line
@@ -2963,7 +3311,9 @@ def run_node(args: argparse.Namespace) -> int:
                     origin_max_items=args.origin_max_items, origin_max_bytes=args.origin_max_mb << 20)
     if args.rate:
         config.rate, config.burst = args.rate, int(args.rate * 2)
-    shell = NodeShell(data_dir, config, listen, Clock(args.clock_file))
+    shell = NodeShell(data_dir, config, listen, Clock(args.clock_file),
+                      smtp=(args.mail_host, args.smtp_port) if args.smtp_port is not None else None,
+                      pop3=(args.mail_host, args.pop3_port) if args.pop3_port is not None else None)
     shell.start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -2978,6 +3328,9 @@ def run_node(args: argparse.Namespace) -> int:
                  " (not advertised: use --advertise HOST:PORT so others can dial you)"))
     else:
         print("  not listening (reachable through relays only)")
+    for name, server in shell.mail_servers.items():
+        host, port = server.server_address[:2]
+        print(f"  {name.upper()} for mail clients on {host}:{port}")
     print(f"  data in {data_dir}; stop with Ctrl-C", flush=True)
     stop.wait()
     log.info("stopping")
@@ -3083,6 +3436,16 @@ def command_output(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]
             return call_node(d, "users_add", {"name": args.name}), lambda r: print(f"added {r['address']}")
         result = call_node(d, "users_remove", {"name": args.name, "force": args.force})
         return result, lambda r: print(f"removed {r['name']} ({r['removed_mails']} mails)")
+    if args.command == "passwd":
+        if sys.stdin.isatty():
+            import getpass
+            password = getpass.getpass(f"New password for {args.user}: ")
+            if getpass.getpass("Again: ") != password:
+                raise LocalError("refused", "the passwords differ")
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+        result = call_node(d, "passwd", {"user": args.user, "password": password})
+        return result, lambda r: print(f"password set for {r['user']}")
     if args.command == "contacts":
         if args.action == "list":
             def show(rows):
@@ -3124,6 +3487,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mails kept for others, per sending node (default %(default)s)")
     p.add_argument("--origin-max-mb", type=int, default=quota.origin_max_bytes >> 20,
                    help="megabytes kept for others, per sending node (default %(default)s)")
+    p.add_argument("--smtp-port", type=int, metavar="P", help="serve SMTP submission for mail clients")
+    p.add_argument("--pop3-port", type=int, metavar="P", help="serve POP3 for mail clients")
+    p.add_argument("--mail-host", default="127.0.0.1",
+                   help="address for SMTP/POP3 (default 127.0.0.1: this machine only)")
     p.add_argument("--clock-file", help="testing: add the seconds written in this file to the clock")
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -3159,6 +3526,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = users.add_parser("remove", parents=[common])
     q.add_argument("name")
     q.add_argument("--force", action="store_true", help="also delete the user's mail")
+
+    p = sub.add_parser("passwd", parents=[common], help="set a user's password for mail clients")
+    p.add_argument("user")
 
     p = sub.add_parser("contacts", parents=[common], help="manage the address book")
     contacts = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -1278,16 +1278,18 @@ def eventually(predicate, timeout: float = 20, interval: float = 0.05):
 class LiveNode:
     """A NodeShell in this process, listening on 127.0.0.1 with port 0."""
 
-    def __init__(self, base, index: int, peers=(), advertise: bool = True, **config):
+    def __init__(self, base, index: int, peers=(), advertise: bool = True, mail: bool = False, **config):
         self.data_dir = os.path.join(str(base), f"node{index}")
         os.makedirs(self.data_dir, exist_ok=True)
         self.identity = seed_key(self.data_dir, index)
         self.domain = self.identity.domain
         self.config = Config(host="127.0.0.1" if advertise else None,
                              bootstrap=tuple(("127.0.0.1", p.port) for p in peers), **config)
-        self.shell = secral.NodeShell(self.data_dir, self.config, ("127.0.0.1", 0))
+        local = ("127.0.0.1", 0) if mail else None
+        self.shell = secral.NodeShell(self.data_dir, self.config, ("127.0.0.1", 0), smtp=local, pop3=local)
         self.shell.start()
         self.port = self.shell.port
+        self.mail_ports = {n: srv.server_address[1] for n, srv in self.shell.mail_servers.items()}
 
     def __call__(self, cmd: str, **args):
         return secral.call_node(self.data_dir, cmd, args)
@@ -1781,6 +1783,9 @@ def test_users_and_contacts_on_real_nodes(procs, tmp_path):
 
     # Users and contacts survive a restart.
     cli("users", "add", "carol", data_dir=B)
+    assert "password set for carol" in cli("passwd", "carol", data_dir=B, input="carol-secret\n").stdout
+    short = cli("passwd", "carol", data_dir=B, input="abc\n", check=False)
+    assert short.returncode == 1 and "at least 8" in short.stderr
     b.stop()
     a.stop()
     procs(B, 61)
@@ -2155,3 +2160,162 @@ def test_fuzz_the_core_with_random_frames():
             processed += 1
             scored = a.reputation.entries
         assert processed > 300 and scored       # the fuzz reached the core and was scored
+
+
+
+# =============================================================================
+# Mail clients: SMTP submission and POP3
+# =============================================================================
+
+@pytest.fixture
+def mail_pair(live, no_crashes):
+    a = live(90, mail=True)
+    b = live(91, [a], mail=True)
+    eventually(lambda: a.domain in b.peer_domains())
+    a("passwd", user="Default", password="alice-password")
+    b("users_add", name="bob")
+    b("passwd", user="bob", password="bob-password")
+    return a, b
+
+
+def smtp_client(node):
+    import smtplib
+    client = smtplib.SMTP("127.0.0.1", node.mail_ports["smtp"], timeout=10)
+    client.ehlo("test")
+    return client
+
+
+def pop3_client(node, user, password):
+    import poplib
+    client = poplib.POP3("127.0.0.1", node.mail_ports["pop3"], timeout=10)
+    client.user(user)
+    client.pass_(password)
+    return client
+
+
+def test_smtp_to_secral_to_pop3_is_byte_correct(mail_pair):
+    from email import policy
+    from email.message import EmailMessage
+    from email.parser import BytesParser
+    a, b = mail_pair
+    subject = "Grüße aus dem Netz ✉ — “quoted”"
+    body = "Hello Bob,\n.this line starts with a dot\n..and this with two\n\nÜnïcødé 😀\n" + "long " * 300 + "\n"
+    message = EmailMessage()
+    message["From"] = a.address()
+    message["To"] = b.address("bob")
+    message["Subject"] = subject
+    message.set_content(body)
+    client = smtp_client(a)
+    client.login("Default", "alice-password")
+    refused = client.send_message(message)
+    client.quit()
+    assert refused == {}
+    [entry] = a("outbox")
+    assert a("wait", id=entry["id"], timeout=20)["status"] == "delivered"
+
+    pop = pop3_client(b, "bob", "bob-password")
+    count, size = pop.stat()
+    assert count == 1
+    uid = pop.uidl(1).split()[2]
+    _, lines, octets = pop.retr(1)
+    got = BytesParser(policy=policy.default).parsebytes(b"\r\n".join(lines) + b"\r\n")
+    assert got["Subject"] == subject
+    assert got.get_content().replace("\r\n", "\n") == body
+    assert got["From"].addresses[0].addr_spec == a.address()
+    assert got["Message-ID"] == f"<{entry['id']}@{a.domain}>"
+    assert octets == size
+    pop.quit()
+    # UIDL is stable across sessions; DELE takes effect only at QUIT.
+    pop = pop3_client(b, "bob", "bob-password")
+    assert pop.uidl(1).split()[2] == uid
+    pop.dele(1)
+    assert pop.stat()[0] == 0
+    pop.rset()
+    assert pop.stat()[0] == 1
+    pop.dele(1)
+    pop.sock.shutdown(socket.SHUT_RDWR)         # hanging up without QUIT deletes nothing
+
+    def reopened():
+        """the mailbox, unlocked once the server noticed the hang-up"""
+        import poplib
+        try:
+            return pop3_client(b, "bob", "bob-password")
+        except poplib.error_proto:
+            return None
+    pop = eventually(reopened)
+    assert pop.stat()[0] == 1
+    pop.dele(1)
+    pop.quit()
+    assert b("inbox", user="bob") == []
+
+
+def test_mail_clients_need_the_right_password(mail_pair):
+    import poplib
+    import smtplib
+    a, b = mail_pair
+    client = smtp_client(a)
+    with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+        client.login("Default", "wrong-password")
+    assert err.value.smtp_code == 535
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        client.login("nobody", "alice-password")
+    client.quit()
+    with pytest.raises(poplib.error_proto):
+        pop3_client(b, "bob", "alice-password")
+    with pytest.raises(poplib.error_proto):
+        pop3_client(b, "Default", "bob-password")     # a user without a password
+    with pytest.raises(LocalError):
+        b("passwd", user="bob", password="short")
+
+
+def test_smtp_errors_for_bad_sequences_and_recipients(mail_pair):
+    a, b = mail_pair
+    client = smtp_client(a)
+    assert client.docmd("MAIL", "FROM:<Default@" + a.domain + ">")[0] == 530     # not logged in
+    client.login("Default", "alice-password")
+    assert client.docmd("RCPT", f"TO:<{b.address()}>")[0] == 503                  # RCPT before MAIL
+    assert client.docmd("DATA")[0] == 503                                          # DATA before RCPT
+    assert client.docmd("MAIL", f"FROM:<bob@{b.domain}>")[0] == 553               # someone else's address
+    assert client.docmd("MAIL", f"FROM:<Default@{a.domain}>")[0] == 250
+    assert client.docmd("RCPT", "TO:<friend@example.com>")[0] == 550               # not a Secral address
+    assert client.docmd("RCPT", f"TO:<{b.address()}>")[0] == 250
+    assert client.docmd("RCPT", f"TO:<{b.address('bob')}>")[0] == 452             # a second recipient
+    assert client.docmd("RSET")[0] == 250
+    assert client.docmd("DATA")[0] == 503                                          # RSET forgot them
+    assert client.docmd("XYZZY")[0] == 500
+    assert client.docmd("NOOP")[0] == 250
+    client.docmd("MAIL", f"FROM:<Default@{a.domain}>")
+    client.docmd("RCPT", f"TO:<{b.address()}>")
+    code, _ = client.data(b"Subject: big\r\n\r\n" + b"x" * (secral.MAX_BODY + 10) + b"\r\n")
+    assert code == 552                                                             # over the body limit
+    client.quit()
+    assert a("outbox") == []
+
+
+def test_concurrent_mail_clients(mail_pair):
+    import smtplib
+    a, b = mail_pair
+    errors = []
+
+    def submit(n):
+        try:
+            client = smtp_client(a)
+            client.login("Default", "alice-password")
+            client.sendmail(a.address(), [b.address("bob")], f"Subject: n{n}\r\n\r\nbody {n}\r\n".encode())
+            client.quit()
+        except Exception as exc:               # collected, then asserted below
+            errors.append(exc)
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    eventually(lambda: len(b("inbox", user="bob")) == 6)
+    first = pop3_client(b, "bob", "bob-password")
+    import poplib
+    with pytest.raises(poplib.error_proto):        # one session per mailbox (RFC 1939)
+        pop3_client(b, "bob", "bob-password")
+    assert sorted(first.uidl()[1]) and first.stat()[0] == 6
+    first.quit()
+    pop3_client(b, "bob", "bob-password").quit()    # free again after QUIT
