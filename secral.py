@@ -1461,7 +1461,8 @@ class Node:
         if peer.verified:
             self.reputation.ban(f"ip:{peer.ip}", int(now))
         self._event("banned", domain=peer.domain, ip=peer.ip, until=until)
-        self._close(peer, "banned", f"reputation reached {SCORE_MIN}; banned until {until}", now)
+        self._close(peer, "banned", f"reputation reached {SCORE_MIN}; banned until "
+                    f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))}", now)
 
     # -- handshake (PROTOCOL.md 8.1) ------------------------------------------
 
@@ -1576,7 +1577,7 @@ class Node:
         expires = int(ack["created"]) + ack_lifetime()
         if sender == self.domain:
             self._reward(peer, "ack_relayed", now)
-            self._ack_arrived(ack, recipient)
+            self._ack_arrived(ack, recipient, now)
             self._remember(key, expires)
             return
         stored_mail = self.items.get(mail_key(sender, ack["id"]))
@@ -1720,14 +1721,15 @@ class Node:
             self._offer(item, peer, now)        # the peer that brought the mail waits for this
         self._route(item, now)
 
-    def _ack_arrived(self, ack: dict, recipient: str) -> None:
+    def _ack_arrived(self, ack: dict, recipient: str, now: float) -> None:
         """An ack for our own mail (7.5): the outbox entry reaches its end."""
         entry = self.stores.outbox.get(ack["id"])
         if entry is None or parse_address(entry["to"]).domain != recipient:
             return
         if entry["status"] in ("delivered", "rejected"):
             return
-        entry.update(status=ack["status"], reason=ack["reason"], acked=ack["created"])
+        entry.update(status=ack["status"], reason=ack["reason"], acked=ack["created"],
+                     done_ms=int(now * 1000))
         self.stores.outbox[ack["id"]] = entry
         item = self.items.get(mail_key(self.domain, ack["id"]))
         if item is not None:
@@ -1905,7 +1907,7 @@ class Node:
         mail_id = self.rng(MAIL_ID).hex()
         entry = {"id": mail_id, "from": str(sender), "to": str(recipient), "subject": subject,
                  "body": body, "created": int(now), "expires": int(now) + ttl,
-                 "status": "queued", "reason": "", "mail": None}
+                 "status": "queued", "reason": "", "mail": None, "submitted_ms": int(now * 1000)}
         self.stores.outbox[mail_id] = entry
         self._event("mail_status", id=mail_id, status="queued", reason="")
         if self.known_record(recipient.domain, now) is None and recipient.domain != self.domain:
@@ -1930,7 +1932,7 @@ class Node:
         self.stores.outbox[mail_id] = entry
         if recipient.domain == self.domain:       # to ourselves: no network involved
             ack = self._deliver_local(mail, mail_key(self.domain, mail_id), None, now)
-            self._ack_arrived(ack, self.domain)
+            self._ack_arrived(ack, self.domain, now)
             return
         self._add_outbox_item(mail_id, entry, now)
         self._route(self.items[mail_key(self.domain, mail_id)], now)
@@ -2368,7 +2370,8 @@ class Connection:
             self.cond.notify()
 
     def _write_loop(self) -> None:
-        allowance, stamp = float(SEND_RATE), time.monotonic()
+        rate = max(float(SEND_RATE), 0.8 * self.shell.core.config.rate)   # below the peers' limit
+        allowance, stamp = rate, time.monotonic()
         try:
             while True:
                 with self.cond:
@@ -2380,10 +2383,10 @@ class Connection:
                     self.queued -= len(line)
                 # Pace ourselves below the peer's rate limit (9.3).
                 now = time.monotonic()
-                allowance = min(float(SEND_RATE), allowance + (now - stamp) * SEND_RATE)
+                allowance = min(rate, allowance + (now - stamp) * rate)
                 stamp = now
                 if allowance < 1:
-                    time.sleep((1 - allowance) / SEND_RATE)
+                    time.sleep((1 - allowance) / rate)
                     allowance = 1
                 allowance -= 1
                 self.sock.sendall(line)
@@ -3229,6 +3232,395 @@ class MailClientServer(socketserver.ThreadingTCPServer):
             self.locked.discard(user)
 
 # =============================================================================
+# Demo and benchmark
+# =============================================================================
+# `secral.py demo` shows the whole story on one machine in well under a
+# minute; `secral.py bench` measures this machine against the cost of the
+# RSA operations that bound it (DESIGN 10).  Both use real sockets on
+# 127.0.0.1 and temporary directories they remove.
+
+SEED_EDGES = ((5, 1), (1, 6), (6, 7), (1, 2), (7, 3), (2, 6), (7, 5), (4, 2), (4, 3), (2, 3), (7, 1), (2, 5))
+
+
+class WirePeer:
+    """A bare peer on a socket, for the demo and the benchmark: the handshake
+    and JSON lines, nothing else (examples/raw_peer.py does it without secral)."""
+
+    def __init__(self, port: int, identity: Identity, source: str = "127.0.0.1"):
+        self.identity = identity
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+        self.rfile = self.sock.makefile("rb")
+
+    def send(self, frame: dict) -> None:
+        self.sock.sendall(encode_frame(frame))
+
+    def recv(self) -> dict | None:
+        line = self.rfile.readline(MAX_LINE + 1)
+        return parse_json(line) if line else None
+
+    def handshake(self) -> dict:
+        """Dial: check their hello, send ours and our auth, wait for theirs (8.1)."""
+        hello = self.recv()
+        record = verify_record(hello["record"], int(time.time()))
+        mine = make_record(self.identity, None, 0, int(time.time()), int(time.time()) + 3600)
+        nonce = os.urandom(HELLO_NONCE)
+        self.send(make_hello(mine, nonce))
+        self.send(make_auth(self.identity, hello["nonce"], record["domain"]))
+        while (frame := self.recv()) is not None and frame["type"] != "auth":
+            pass
+        verify_auth(frame, record, b64e(nonce), self.identity.domain)
+        return record
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """python3 secral.py demo: the seed's seven-node network, narrated."""
+    started = time.monotonic()
+    say = functools.partial(print, flush=True)
+    step = iter(range(1, 8))
+    base = tempfile.mkdtemp(prefix="secral-demo-")
+    nodes: dict[int, NodeShell] = {}
+    logging.basicConfig(level=logging.ERROR, format="      (log) %(message)s")
+
+    def header(text: str) -> None:
+        say(f"\n[{next(step)}/6] {text}")
+
+    def wait(predicate: Callable[[], Any], timeout: float = 30) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (value := predicate()):
+            if time.monotonic() > deadline:
+                raise LocalError("refused", "the demo timed out: " + (predicate.__doc__ or ""))
+            time.sleep(0.05)
+        return value
+
+    def name(domain: str) -> str:
+        return next((f"node {i}" for i, n in nodes.items() if n.identity.domain == domain), domain)
+
+    def start(i: int, peers: list[int]) -> NodeShell:
+        config = Config(host=None, bootstrap=tuple(("127.0.0.1", nodes[j].port) for j in peers))
+        shell = NodeShell(os.path.join(base, f"node{i}"), config, ("127.0.0.1", 0),
+                          identity=identities[i])
+        shell.start()
+        nodes[i] = shell
+        return shell
+
+    def control(i: int, cmd: str, **kwargs: Any) -> Any:
+        return getattr(nodes[i].control.control, f"cmd_{cmd}")(**kwargs)
+
+    try:
+        say("Secral demo: end-to-end encrypted mail over a peer-to-peer network, on 127.0.0.1.")
+        header("Seven nodes, as in the picture. Each needs an RSA-3072 key (a second or so each).")
+        identities = {i: Identity.generate() for i in range(1, 10)}
+        for i in range(1, 8):
+            start(i, [j for x, y in SEED_EDGES for j in (x, y) if i in (x, y) and j != i and j in nodes])
+            say(f"      node {i}  {nodes[i].identity.domain}  listening on 127.0.0.1:{nodes[i].port}")
+        header("Linking them: " + ", ".join(f"{x}–{y}" for x, y in SEED_EDGES) + ".")
+        say("      No node publishes its address, so nobody can dial around the picture:")
+        say("      mail between nodes that are not linked must be relayed.")
+        for x, y in SEED_EDGES:
+            wait(lambda: nodes[y].identity.domain in nodes[x].core.open)
+        say(f"      all {len(SEED_EDGES)} links are up.")
+
+        header("Node 5 mails node 3. They are not linked.")
+        wiretap = WirePeer(nodes[5].port, identities[8])
+        wiretap.handshake()
+        say(f"      (an eavesdropper, {identities[8].domain}, has joined node 5 as an ordinary peer)")
+        say("      Node 5 asks its peers for node 3's NIS record (it needs node 3's key), seals the mail")
+        say("      with AES-256-GCM under a key only node 3 can unwrap, signs it, and hands it on.")
+        t0 = time.monotonic()
+        entry = control(5, "send", to=f"Default@{nodes[3].identity.domain}", subject="Meet at the harbour",
+                        body="Six o'clock, by the lighthouse. Bring the map.")
+        done = wait(lambda: (e := nodes[5].stores.outbox.get(entry["id"])) and e["status"] == "delivered" and e)
+        key = mail_key(nodes[5].identity.domain, entry["id"])
+        relays = [f"node {i}" for i in (1, 2, 6, 7, 4) if key in nodes[i].core.seen]
+        say(f"      delivered in {time.monotonic() - t0:.2f} s; carried by {', '.join(relays)}.")
+        say(f"      Node 3's Core signed an ack; it travelled back and node 5's outbox says \"{done['status']}\".")
+        [inbox] = control(3, "inbox")
+        read = control(3, "read", id=inbox["id"])
+        say(f"      Node 3 reads: \"{read['subject']}\" — \"{read['body']}\"")
+
+        header("What an eavesdropper sees.")
+        while (frame := wiretap.recv()) is not None and frame["type"] != "mail":
+            pass
+        seen = frame["mail"]
+        say(f"      from     {seen['from']}\n      to       {seen['to']}")
+        say(f"      size     {len(b64d(seen['ct'], 'ct'))} bytes of ciphertext: {seen['ct'][:44]}…")
+        try:
+            open_mail(identities[8], seen)
+        except RemoteError as exc:
+            say(f"      opening it with its own key fails: {exc.code} ({exc.message}).")
+        try:
+            unwrap_key(identities[8].key, b64d(seen["key"], "key"))
+        except RemoteError as exc:
+            say(f"      and unwrapping the AES key by force fails too: {exc.code}.")
+        say("      It learns who wrote to whom, when and how much — never the subject or the text.")
+        wiretap.close()
+
+        header("Node 6 goes offline; node 4 writes to it anyway.")
+        nodes[6].stop()
+        entry = control(4, "send", to=f"Default@{nodes[6].identity.domain}", subject="While you were away",
+                        body="The relays kept this for you.")
+        holders = wait(lambda: [f"node {i}" for i in (1, 2, 7)
+                                if any(k.startswith("mail/") for k in nodes[i].core.items)])
+        say(f"      node 6 is unreachable; {', '.join(holders)} keep the sealed mail for it "
+            f"(outbox: {nodes[4].stores.outbox[entry['id']]['status']}).")
+        say("      (they would keep it for up to 7 days; here node 6 comes back at once)")
+        start(6, [1, 7, 2])
+        wait(lambda: control(6, "inbox"))
+        say(f"      node 6 is back and receives: \"{control(6, 'inbox')[0]['subject']}\"")
+        wait(lambda: nodes[4].stores.outbox[entry["id"]]["status"] == "delivered")
+        say("      the ack reaches node 4: \"delivered\"; the relays drop their copies.")
+
+        header("A misbehaving peer connects to node 1.")
+        rogue = WirePeer(nodes[1].port, identities[9], source="127.0.0.66")
+        rogue.handshake()
+        say(f"      {identities[9].domain} completes the handshake, then sends a forged mail and garbage:")
+        mail = seal_mail(identities[9], Address(DEFAULT_USER, identities[9].domain),
+                         Address(DEFAULT_USER, nodes[1].identity.domain), nodes[1].identity.public_b64,
+                         "forged", "x", int(time.time()))
+        with contextlib.suppress(OSError):
+            rogue.send({"type": "mail", "hops": 8, "mail": {**mail, "subject": "tampered", "id": "0" * 32}})
+            for _ in range(6):
+                rogue.sock.sendall(os.urandom(48).replace(b"\n", b"") + b"\n")
+        while (frame := rogue.recv()) is not None:
+            if frame["type"] == "error":
+                say(f"      node 1 says: error \"{frame['code']}\": {frame['message']}")
+        rogue.close()
+        bans = control(1, "peers", banned=True)
+        say(f"      and bans it: " + "; ".join(f"{b['subject']} until {when(b['until'])}" for b in bans))
+        honest = control(1, "peers")
+        say(f"      its honest peers are untouched: " +
+            ", ".join(f"{name(p['domain'])} (score {p['score']})" for p in honest))
+        say(f"\nDone in {time.monotonic() - started:.1f} s.")
+        return 0
+    finally:
+        for shell in nodes.values():
+            shell.stop()
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
+        say(f"Temporary data in {base} removed.")
+
+
+class BenchNode:
+    """`secral.py node` in a subprocess, for the benchmark."""
+
+    def __init__(self, base: str, name: str, *args: str):
+        self.data_dir = os.path.join(base, name)
+        os.makedirs(self.data_dir, exist_ok=True)
+        import subprocess
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "node", "--data-dir", self.data_dir,
+             "--host", "127.0.0.1", "--port", "0", "--rate", "1000000", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in self.proc.stdout:
+            if match := re.search(r"node (node-\w+)", line):
+                self.domain = match.group(1)
+            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                self.port = int(match.group(1))
+            if "stop with Ctrl-C" in line:
+                break
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def __call__(self, cmd: str, **args: Any) -> Any:
+        return call_node(self.data_dir, cmd, args, timeout=120)
+
+    def rss_kib(self) -> int | None:
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                return int(next(line for line in f if line.startswith("VmRSS")).split()[1])
+        return None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=30)
+
+
+def _seal_batch(job: tuple[bytes, str, str, int, int]) -> list[dict]:
+    """Seal `count` 1 KiB mails (a worker process: signing is the slow part)."""
+    pem, recipient_key, recipient_domain, count, now = job
+    identity = Identity.from_pem(pem)
+    sender, recipient = Address(DEFAULT_USER, identity.domain), Address(DEFAULT_USER, recipient_domain)
+    return [seal_mail(identity, sender, recipient, recipient_key, f"bench {n}", "x" * 1024, now)
+            for n in range(count)]
+
+
+def seal_many(identity: Identity, recipient_key: str, count: int) -> list[dict]:
+    import multiprocessing
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    share = [count // workers + (i < count % workers) for i in range(workers)]
+    jobs = [(identity.to_pem(), recipient_key, domain_of_key(recipient_key), n, int(time.time()))
+            for n in share if n]
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        return [mail for batch in pool.map(_seal_batch, jobs) for mail in batch]
+
+
+def _timed(fn: Callable[[], Any], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def bench_crypto() -> dict:
+    """The operations that bound a node (DESIGN 10), on this machine."""
+    identity = Identity.generate()
+    message = os.urandom(1500)
+    signature = sign(identity.key, message)
+    wrapped = wrap_key(identity.key.public_key(), os.urandom(32))
+    public = identity.key.public_key()
+    t_sign = _timed(lambda: sign(identity.key, message), 60)
+    t_unwrap = _timed(lambda: unwrap_key(identity.key, wrapped), 60)
+    t_verify = _timed(lambda: verify_signature(public, message, signature), 600)
+    return {"sign_ms": t_sign * 1e3, "unwrap_ms": t_unwrap * 1e3, "verify_ms": t_verify * 1e3,
+            "recipient_bound": 1 / (t_unwrap + t_sign), "relay_bound": 1 / (2 * t_verify)}
+
+
+def bench_end_to_end(base: str, mails: int) -> dict:
+    """sender -> relay -> recipient, three processes: mails/s and latency."""
+    relay = BenchNode(base, "relay")
+    recipient = BenchNode(base, "recipient", "--no-listen", "--peer", f"127.0.0.1:{relay.port}")
+    sender = BenchNode(base, "sender", "--peer", f"127.0.0.1:{relay.port}")
+    try:
+        deadline = time.monotonic() + 60
+        while len(relay("peers")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        to = f"{DEFAULT_USER}@{recipient.domain}"
+        first = sender("send", to=to, subject="warm-up", body="x")        # NIS lookup, links warm
+        sender("wait", id=first["id"], timeout=60)
+        body = "x" * 1024
+        ids = [sender("send", to=to, subject=f"bench {n}", body=body)["id"] for n in range(mails)]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            entries = {e["id"]: e for e in sender("outbox")}
+            if all(entries[i]["status"] == "delivered" for i in ids):
+                break
+            time.sleep(0.2)
+        done = [entries[i] for i in ids if entries[i]["status"] == "delivered"]
+        outbox = sender.data_dir
+        latencies = sorted(e["done_ms"] - e["submitted_ms"] for e in _full_outbox(outbox, ids))
+        span = (max(e["done_ms"] for e in _full_outbox(outbox, ids)) -
+                min(e["submitted_ms"] for e in _full_outbox(outbox, ids))) / 1000
+        return {"mails": mails, "delivered": len(done), "seconds": span,
+                "mails_per_s": len(done) / span if span else 0.0,
+                "p50_ms": latencies[len(latencies) // 2] if latencies else None,
+                "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None}
+    finally:
+        for node in (sender, recipient, relay):
+            node.stop()
+
+
+def _full_outbox(data_dir: str, ids: list[str]) -> list[dict]:
+    """Outbox entries with their millisecond stamps (the control port hides none of them)."""
+    entries = {e["id"]: e for e in call_node(data_dir, "outbox")}
+    return [entries[i] for i in ids if "done_ms" in entries[i]]
+
+
+def bench_relay(base: str, mails: int) -> dict:
+    """Pre-sealed mails pushed through one relay process, acks coming back:
+    relayed mails/s against the bound of verifying one mail and one ack."""
+    relay = BenchNode(base, "relay-only", "--origin-max-items", str(mails * 2))
+    pusher_id, sink_id = Identity.generate(), Identity.generate()
+    try:
+        sealed = seal_many(pusher_id, sink_id.public_b64, mails)
+        now = int(time.time())
+        acks = [make_ack(sink_id, m, "delivered", "", now) for m in sealed]
+        pusher, sink = WirePeer(relay.port, pusher_id), WirePeer(relay.port, sink_id, source="127.0.0.2")
+        pusher.handshake()
+        sink.handshake()
+        by_id = {a["id"]: a for a in acks}
+
+        def answer() -> None:
+            while (frame := sink.recv()) is not None:
+                if frame["type"] == "mail":
+                    sink.send({"type": "ack", "hops": MAX_HOPS, "ack": by_id[frame["mail"]["id"]]})
+        threading.Thread(target=answer, daemon=True).start()
+        start = time.perf_counter()
+        threading.Thread(target=lambda: [pusher.send({"type": "mail", "hops": MAX_HOPS, "mail": m})
+                                         for m in sealed], daemon=True).start()
+        received = 0
+        while received < mails and (frame := pusher.recv()) is not None:
+            received += frame["type"] == "ack"
+        elapsed = time.perf_counter() - start
+        pusher.close()
+        sink.close()
+        return {"mails": mails, "relayed": received, "seconds": elapsed, "mails_per_s": received / elapsed}
+    finally:
+        relay.stop()
+
+
+def bench_memory(base: str, stored: int) -> dict:
+    """Resident memory of a relay holding `stored` mails for an absent node."""
+    relay = BenchNode(base, "store", "--origin-max-items", str(stored), "--store-max-items", str(stored * 2))
+    pusher_id, absent = Identity.generate(), Identity.generate()
+    try:
+        idle = relay.rss_kib()
+        sealed = seal_many(pusher_id, absent.public_b64, stored)
+        pusher = WirePeer(relay.port, pusher_id)
+        pusher.handshake()
+        for mail in sealed:
+            pusher.send({"type": "mail", "hops": MAX_HOPS, "mail": mail})
+        deadline = time.monotonic() + 300
+        while relay("status")["relay"]["mail"] < stored and time.monotonic() < deadline:
+            time.sleep(0.5)
+        held = relay("status")["relay"]
+        pusher.close()
+        return {"stored": held["mail"], "stored_bytes": held["bytes"], "rss_idle_kib": idle,
+                "rss_kib": relay.rss_kib()}
+    finally:
+        relay.stop()
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """python3 secral.py bench: this machine against its own RSA costs."""
+    import platform
+    import shutil
+    base = tempfile.mkdtemp(prefix="secral-bench-")
+    say = functools.partial(print, flush=True, file=sys.stderr if args.json else sys.stdout)
+    results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
+                                            "platform": platform.platform(), "cpu": platform.processor()}}
+    try:
+        say(f"Secral benchmark on {os.cpu_count()} cores, Python {platform.python_version()}")
+        say("  crypto bound ...")
+        c = results["crypto"] = bench_crypto()
+        say("  end to end: sender -> relay -> recipient, three processes ...")
+        e = results["end_to_end"] = bench_end_to_end(base, args.mails)
+        e["ratio_to_recipient_bound"] = e["mails_per_s"] / c["recipient_bound"]
+        say("  relay only ...")
+        r = results["relay"] = bench_relay(base, args.relay_mails)
+        r["ratio_to_relay_bound"] = r["mails_per_s"] / c["relay_bound"]
+        if args.stored:
+            say(f"  a relay holding {args.stored} mails ...")
+            results["memory"] = bench_memory(base, args.stored)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    rows = [
+        ["RSA-3072 PSS sign", f"{c['sign_ms']:.2f} ms", ""],
+        ["RSA-3072 OAEP unwrap", f"{c['unwrap_ms']:.2f} ms", ""],
+        ["RSA-3072 PSS verify", f"{c['verify_ms']:.3f} ms", ""],
+        ["recipient bound: 1/(unwrap+sign)", f"{c['recipient_bound']:.0f} mails/s", "one core"],
+        ["relay bound: 1/(2 verify)", f"{c['relay_bound']:.0f} mails/s", "one core"],
+        [f"end to end, {e['delivered']}/{e['mails']} mails of 1 KiB", f"{e['mails_per_s']:.0f} mails/s",
+         f"{e['ratio_to_recipient_bound']:.2f} of the recipient bound"],
+        ["  delivery latency p50 / p99", f"{e['p50_ms']} / {e['p99_ms']} ms", "submit to ack"],
+        [f"relay only, {r['relayed']}/{r['mails']} mails + acks", f"{r['mails_per_s']:.0f} mails/s",
+         f"{r['ratio_to_relay_bound']:.2f} of the relay bound"],
+    ]
+    if "memory" in results:
+        m = results["memory"]
+        rows.append([f"relay holding {m['stored']} mails", f"{(m['rss_kib'] or 0) / 1024:.0f} MiB RSS",
+                     f"idle node {(m['rss_idle_kib'] or 0) / 1024:.0f} MiB; {m['stored_bytes'] >> 20} MiB on disk"])
+    print()
+    print_table(rows, ["MEASURE", "RESULT", "NOTE"])
+    return 0
+
+# =============================================================================
 # Command line
 # =============================================================================
 # python3 secral.py node | send | inbox | read | outbox | peers | whoami |
@@ -3527,6 +3919,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q.add_argument("--force", action="store_true", help="also delete the user's mail")
 
+    sub.add_parser("demo", parents=[common], help="watch seven nodes on this machine exchange mail")
+    p = sub.add_parser("bench", parents=[common], help="measure this machine (processes on 127.0.0.1)")
+    p.add_argument("--mails", type=int, default=300, help="end-to-end mails (default %(default)s)")
+    p.add_argument("--relay-mails", type=int, default=1000, help="relay-only mails (default %(default)s)")
+    p.add_argument("--stored", type=int, default=10_000,
+                   help="mails a relay holds for the memory figure; 0 skips it (default %(default)s)")
+
     p = sub.add_parser("passwd", parents=[common], help="set a user's password for mail clients")
     p.add_argument("user")
 
@@ -3546,6 +3945,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "node":
             return run_node(args)
+        if args.command == "demo":
+            return run_demo(args)
+        if args.command == "bench":
+            return run_bench(args)
         result, show = command_output(args)
     except SecralError as exc:
         print(f"secral: {exc.message}", file=sys.stderr)
