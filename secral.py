@@ -109,14 +109,14 @@ AGENT = f"secral.py/{__version__}"
 DEFAULT_PORT = 7700             # TCP port a node listens on unless told otherwise
 
 # -- Wire limits (PROTOCOL.md section 3) --
-MAX_LINE = 262_144              # bytes in one frame, newline included: a mail with a
-                                # full 128 KiB body is ~180 KB once base64-encoded
+MAX_LINE = 262_144              # bytes in one frame, newline included: room for the
+                                # largest mail (see MAX_PLAINTEXT) with ~4 KB to spare
 MAX_INT = 2**53 - 1             # JSON integers stay exact in every language's double
 MAX_SUBJECT = 256               # characters (code points) in a subject
 MAX_BODY = 131_072              # bytes of UTF-8 in a body (128 KiB)
 MAX_PLAINTEXT = 192_000         # bytes of sealed canonical JSON: escapes can make a
                                 # 128 KiB body longer, and every mail must fit a frame
-MAX_DEPTH = 16                  # nesting of arrays/objects in a frame (Secral needs 4)
+MAX_DEPTH = 16                  # nesting of arrays/objects in a frame (Secral needs 3)
 MAX_HOPS = 8                    # relay steps a mail or ack may still take
 MAX_TTL = 7 * 86_400            # a mail lives at most 7 days after it was created
 MAX_FUTURE = 600                # clocks may disagree by 10 minutes
@@ -143,7 +143,8 @@ CORE_USER = "Core"              # system user: signs acks, asks NIS questions
 DEFAULT_USER = "Default"        # the user every node has from the start
 RECORD_LIFETIME = 30 * 86_400   # a node's own NIS record is valid for 30 days ...
 RECORD_REFRESH = 15 * 86_400    # ... and is re-signed when less than 15 remain
-MAX_RECORD_LIFETIME = RECORD_LIFETIME + MAX_FUTURE  # longer-lived records are refused
+MAX_RECORD_LIFETIME = RECORD_LIFETIME + 2 * MAX_FUTURE  # longer-lived records are refused
+                                # (2x: the signer's and our clock may each be 10 min off)
 NIS_HOPS = 3                    # how far a nis_query travels
 MAX_NIS_RECORDS = 10_000        # records kept in the NIS map (soonest to expire go first)
 MAX_KNOWN_PEERS = 1_000         # addresses kept for reconnecting
@@ -672,7 +673,7 @@ def verify_record(record: Any, now: int, what: str = "record") -> dict:
     if record["expires"] <= now:
         raise RemoteError("expired", f"{what}: expired at {record['expires']}")
     if record["expires"] > now + MAX_RECORD_LIFETIME:
-        raise RemoteError("bad_ttl", f"{what}: expires more than {MAX_RECORD_LIFETIME} s ahead")
+        raise RemoteError("future", f"{what}: expires more than {MAX_RECORD_LIFETIME} s ahead")
     verify_signed(record, key, what)
     return record
 
@@ -983,8 +984,8 @@ REPUTATION_EVENTS: dict[str, tuple[int, bool]] = {
     "bad_address":       (-10,   False),
     "bad_signature":     (-25,   False),      # forged or tampered
     "forged_record":     (-50,   False),      # a NIS record that does not verify
-    "expired":           (-1,    False),      # honest peers relay mail near its end
-    "future":            (-5,    False),
+    "expired":           (0,     False),      # clocks differ: dropped, not blamed
+    "future":            (0,     False),      # (honest clocks may differ by 20 minutes)
     "bad_ttl":           (-10,   False),
     "bad_hops":          (-10,   False),
     "not_ready":         (-50,   True),       # a frame before the handshake
@@ -1150,6 +1151,7 @@ class Peer:
         self.expect = expect            # the domain we dialled, if we knew it
         self.nonce = nonce              # our challenge, base64
         self.their_nonce = ""           # theirs, from their hello
+        self.refusal = ""               # the code of an error frame they sent before closing
         self.state = "hello"
         self.record: dict | None = None
         self.domain: str | None = None          # claimed by hello ...
@@ -1246,9 +1248,11 @@ class Node:
         self.reputation = Reputation(stores.reputation)
         self.items: dict[str, Item] = {}        # what we are delivering, by key
         self.items_for: dict[str, set[str]] = collections.defaultdict(set)  # target -> keys
+        self.items_by_id: dict[str, set[str]] = collections.defaultdict(set)  # mail id -> keys
         self.relay_usage: collections.Counter = collections.Counter()   # quota counters
         self.seen: dict[str, int] = dict(stores.seen.items())   # key -> expires
-        self.nis_expiry = {d: r["expires"] for d, r in stores.nis.items()}  # bounds the map
+        self.nis_expiry = {d: r["expires"] for d, r in stores.nis.items()  # bounds the map
+                           if d != identity.domain}
         self.queries: dict[str, Query] = {}
         self.seen_queries: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.dialing: dict[str, float] = {}     # dial target -> since
@@ -1326,20 +1330,29 @@ class Node:
         self.stores.nis[domain] = record
         self.nis_expiry[domain] = record["expires"]
         if len(self.nis_expiry) > MAX_NIS_RECORDS:
-            keep = {self.domain, *self.open, *self.items_for}
-            victim = min((d for d in self.nis_expiry if d not in keep), key=self.nis_expiry.get)
-            del self.nis_expiry[victim], self.stores.nis[victim]
+            # The soonest to expire goes, unless we need it: a peer's, or that of
+            # a node we hold something for or wait to write to (5.3).
+            keep = {domain, *self.open, *self.items_for, *self.waiting_key}
+            victims = [d for d in self.nis_expiry if d not in keep]
+            if victims:
+                victim = min(victims, key=self.nis_expiry.get)
+                del self.nis_expiry[victim], self.stores.nis[victim]
         if record["host"] is not None:
             known = self.stores.peers.get(domain, {"fails": 0, "next": 0, "seen": 0})
-            known.update(host=record["host"], port=record["port"])
-            self.stores.peers[domain] = known
-            if domain not in self.open and len(self.stores.peers) > MAX_KNOWN_PEERS:
-                worst = max(self.stores.peers.items(),
-                            key=lambda kv: (kv[1].get("fails", 0), -kv[1].get("seen", 0)))
-                del self.stores.peers[worst[0]]
+            self._remember_peer(domain, {**known, "host": record["host"], "port": record["port"]})
         for outbox_id in self.waiting_key.pop(domain, ()):
             self._seal_waiting(outbox_id, now)
         return True
+
+    def _remember_peer(self, domain: str, entry: dict) -> None:
+        """Keep an address for reconnecting, within MAX_KNOWN_PEERS: the entry
+        with most failures, then least recently seen, makes room (5.5)."""
+        self.stores.peers[domain] = entry
+        if len(self.stores.peers) > MAX_KNOWN_PEERS:
+            candidates = [(d, e) for d, e in self.stores.peers.items() if d not in self.open and d != domain]
+            if candidates:
+                worst = max(candidates, key=lambda kv: (kv[1].get("fails", 0), -kv[1].get("seen", 0)))
+                del self.stores.peers[worst[0]]
 
     # -- connections ----------------------------------------------------------
 
@@ -1397,7 +1410,7 @@ class Node:
         if was_open and self.open.get(peer.domain) is peer:
             del self.open[peer.domain]
             self._event("peer_closed", domain=peer.domain, conn=peer.conn, reason=reason)
-        elif not was_open and peer.outbound and reason not in ("duplicate_connection", "shutdown"):
+        elif not was_open and peer.outbound and not {reason, peer.refusal} & {"duplicate_connection", "shutdown"}:
             self._dial_failed(peer.target, now)
         for item in self.items.values():
             item.offered.discard(peer.conn)
@@ -1419,7 +1432,8 @@ class Node:
             return []
         peer.last_rx = now
         if not self._take_token(peer, now):
-            self._misbehaved(peer, "rate_exceeded", "frames faster than the rate limit", now)
+            self._misbehaved(peer, "rate_exceeded", "frames faster than the rate limit", now,
+                             disconnect=peer.state != "open")
             return self._take()
         try:
             frame = verify_frame(decode_frame(line))
@@ -1457,9 +1471,14 @@ class Node:
         self.reputation.change(peer.subject, REPUTATION_EVENTS[event][0], int(now))
 
     def _ban(self, peer: Peer, now: float) -> None:
+        """Ban the peer's domain and address (9.2).  Unfinished handshakes from
+        that address end too; other nodes already proven behind it stay."""
         until = self.reputation.ban(peer.subject, int(now))
         if peer.verified:
             self.reputation.ban(f"ip:{peer.ip}", int(now))
+        for other in list(self.peers.values()):
+            if other is not peer and other.ip == peer.ip and not other.verified:
+                self._close(other, "banned", "this address is banned", now)
         self._event("banned", domain=peer.domain, ip=peer.ip, until=until)
         self._close(peer, "banned", f"reputation reached {SCORE_MIN}; banned until "
                     f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))}", now)
@@ -1479,8 +1498,9 @@ class Node:
         if peer.expect is not None and domain != peer.expect:
             self._close(peer, "wrong_peer", f"dialled {peer.expect}, found {domain}", now)
             return
-        if self.reputation.banned(f"domain:{domain}", int(now)):
-            self._close(peer, "banned", f"{domain} is banned", now)
+        if (self.reputation.banned(f"domain:{domain}", int(now))
+                or self.reputation.banned(f"ip:{peer.ip}", int(now))):
+            self._close(peer, "banned", f"{domain} or its address is banned", now)
             return
         peer.record, peer.domain, peer.state = record, domain, "auth"
         peer.their_nonce = frame["nonce"]
@@ -1511,8 +1531,8 @@ class Node:
         if peer.outbound:                       # an address that works: remember it (5.5)
             self.dial_backoff.pop(peer.target, None)
             host, port = peer.address
-            self.stores.peers[peer.domain] = {"host": host, "port": port, "fails": 0,
-                                              "next": 0, "seen": int(now)}
+            self._remember_peer(peer.domain, {"host": host, "port": port, "fails": 0,
+                                              "next": 0, "seen": int(now)})
         self._event("peer_open", domain=peer.domain, conn=peer.conn, ip=peer.ip,
                     outbound=peer.outbound)
         self._send(peer, {"type": "getpeers"})
@@ -1536,10 +1556,11 @@ class Node:
         log.info("peer %s says %s: %s", peer.domain or peer.ip, frame["code"], frame["message"])
         if ref is not None:
             is_hex_id(ref, "error.ref")
-            for item in self.items.values():    # only what we gave this very connection
-                if item.key.split("/")[2] == ref and peer.conn in item.offered:
-                    item.offered.discard(peer.conn)
+            for key in self.items_by_id.get(ref, ()):
+                self.items[key].offered.discard(peer.conn)   # only affects this connection
             self._event("refused", domain=peer.domain, code=frame["code"], ref=ref)
+        else:
+            peer.refusal = frame["code"]        # the reason for the close that follows
 
     # -- mail and acks (PROTOCOL.md 7) ------------------------------------------
 
@@ -1576,19 +1597,34 @@ class Node:
             return
         expires = int(ack["created"]) + ack_lifetime()
         if sender == self.domain:
-            self._reward(peer, "ack_relayed", now)
-            self._ack_arrived(ack, recipient, now)
+            mine = self.items.get(mail_key(self.domain, ack["id"]))
+            if self._ack_arrived(ack, recipient, now):   # only news about our own mail earns
+                self._reward(peer, "ack_relayed", now)
+                # The ack follows our mail to every peer we gave it to (7.6).
+                for conn in mine.offered if mine else ():
+                    other = self.peers.get(conn)
+                    if other is not None and other.state == "open" and other is not peer:
+                        self._send(other, {"type": "ack", "hops": 1, "ack": ack})
             self._remember(key, expires)
             return
         stored_mail = self.items.get(mail_key(sender, ack["id"]))
         if stored_mail is not None and stored_mail.target != recipient:
             stored_mail = None                  # someone else's ack for that id: not ours to act on
-        if stored_mail is not None:
-            expires = min(expires, stored_mail.expires)
-        self._accept(peer, "ack", key, ack, recipient, sender, expires, frame["hops"], now,
-                     frees=stored_mail is not None)
-        if stored_mail is not None:
-            self._forget(stored_mail)           # the recipient has it: drop our copy (7.6)
+        if stored_mail is None:
+            self._accept(peer, "ack", key, ack, recipient, sender, expires, frame["hops"], now)
+            return
+        # The ack frees a mail we hold.  It is stored (even with no hops left,
+        # to answer late copies of the mail), then follows the mail: every peer
+        # we gave the mail to, or got it from, holds a copy to drop too (7.6).
+        item = self._accept(peer, "ack", key, ack, recipient, sender, min(expires, stored_mail.expires),
+                            max(frame["hops"], 1), now, frees=True)
+        if frame["hops"] == 0:
+            item.hops = 0
+        for conn in stored_mail.offered:
+            other = self.peers.get(conn)
+            if other is not None and other.state == "open" and other is not peer:
+                self._offer(item, other, now, follow=True)
+        self._forget(stored_mail)               # the recipient has it: drop our copy
 
     def _repeated(self, peer: Peer, key: str, now: float) -> bool:
         """Per-connection duplicate check: honest peers send an object once per
@@ -1632,20 +1668,20 @@ class Node:
                 self.stores.seen.pop(old, None)
 
     def _accept(self, peer: Peer, kind: str, key: str, obj: dict, origin: str, target: str,
-                expires: int, hops: int, now: float, frees: bool = False) -> None:
+                expires: int, hops: int, now: float, frees: bool = False) -> Item | None:
         """Take a new object from `peer` for relaying: store, then route (7.2).
         A copy with no hops left is not ours to pass on: it is dropped, and not
         remembered, so a copy that may travel is still welcome (7.2).  The
         relay store is written before the seen-set: a crash between the two
         must leave a retry welcome, not a mail marked seen and never stored."""
         if hops == 0:
-            return
+            return None
         size = len(canonical_json(obj))
         refusal = None if frees else self._over_quota(origin, size)
         if refusal:
             peer.recent.pop(key, None)          # not accepted: a retry may be
             self._send(peer, make_error("quota_exceeded", refusal, ref=obj["id"]))
-            return
+            return None
         if kind == "mail" or frees:             # an ack for nothing we held earns nothing
             self._reward(peer, f"{kind}_relayed", now)
         self.stores.relay[key] = {"kind": kind, "obj": obj, "hops": hops - 1,
@@ -1656,6 +1692,7 @@ class Node:
         item.offered.add(peer.conn)
         self._add_item(item)
         self._route(item, now)
+        return item
 
     def _over_quota(self, origin: str, size: int) -> str | None:
         """Relay store quotas (PROTOCOL.md 7.6).  An ack that lets us drop a
@@ -1721,13 +1758,14 @@ class Node:
             self._offer(item, peer, now)        # the peer that brought the mail waits for this
         self._route(item, now)
 
-    def _ack_arrived(self, ack: dict, recipient: str, now: float) -> None:
-        """An ack for our own mail (7.5): the outbox entry reaches its end."""
+    def _ack_arrived(self, ack: dict, recipient: str, now: float) -> bool:
+        """An ack for our own mail (7.5): the outbox entry reaches its end.
+        Returns whether it was news (an entry still waiting for this ack)."""
         entry = self.stores.outbox.get(ack["id"])
         if entry is None or parse_address(entry["to"]).domain != recipient:
-            return
+            return False
         if entry["status"] in ("delivered", "rejected"):
-            return
+            return False
         entry.update(status=ack["status"], reason=ack["reason"], acked=ack["created"],
                      done_ms=int(now * 1000))
         self.stores.outbox[ack["id"]] = entry
@@ -1735,12 +1773,14 @@ class Node:
         if item is not None:
             self._forget(item)
         self._event("mail_status", id=ack["id"], status=ack["status"], reason=ack["reason"])
+        return True
 
     # -- routing (PROTOCOL.md 7.2) ----------------------------------------------
 
     def _add_item(self, item: Item) -> None:
         self.items[item.key] = item
         self.items_for[item.target].add(item.key)
+        self.items_by_id[item.key.split("/")[2]].add(item.key)
         if item.store == "relay":
             self._count(item, +1)
 
@@ -1750,6 +1790,10 @@ class Node:
         self.items_for[item.target].discard(item.key)
         if not self.items_for[item.target]:
             del self.items_for[item.target]
+        mail_id = item.key.split("/")[2]
+        self.items_by_id[mail_id].discard(item.key)
+        if not self.items_by_id[mail_id]:
+            del self.items_by_id[mail_id]
         if item.store == "relay":
             self._count(item, -1)
             self.stores.relay.pop(item.ref, None)
@@ -1788,13 +1832,16 @@ class Node:
             return None
         return entry["mail"] if item.store == "outbox" else entry["obj"]
 
-    def _offer(self, item: Item, peer: Peer, now: float) -> None:
+    def _offer(self, item: Item, peer: Peer, now: float, follow: bool = False) -> None:
         """Write the object to one peer, once per connection (a peer that got it
-        on this connection has it: TCP delivered it or the connection died)."""
+        on this connection has it: TCP delivered it or the connection died).
+        `follow`: an ack going where its mail went, whatever its hops (7.6)."""
         if peer.conn in item.offered:
             return
-        if item.hops == 0 and peer.domain != item.target:
+        if item.hops == 0 and peer.domain != item.target and not follow:
             return                              # no hops left: useful to its target only (7.2)
+        if item.expires <= now:
+            return                              # never pass on the dead (the sweep drops it)
         obj = self._object(item)
         if obj is None:
             return
@@ -1850,7 +1897,7 @@ class Node:
         if self._connecting(domain):
             return True
         failures, next_try = self.dial_backoff.get(domain, (0, 0))
-        if next_try > now:
+        if max(next_try, self.stores.peers.get(domain, {}).get("next", 0)) > now:
             return False
         record = self.known_record(domain, now)
         if (record is None or record["host"] is None
@@ -1922,8 +1969,12 @@ class Node:
         if entry is None or entry["mail"] is not None or entry["status"] != "queued":
             return
         recipient = parse_address(entry["to"])
-        key = self.identity.public_b64 if recipient.domain == self.domain else \
-            self.known_record(recipient.domain, now)["key"]
+        record = self.record if recipient.domain == self.domain else self.known_record(recipient.domain, now)
+        if record is None:                      # expired or evicted meanwhile: ask again
+            self.waiting_key[recipient.domain].add(mail_id)
+            self._ask(recipient.domain, now)
+            return
+        key = record["key"]
         ttl = entry["expires"] - entry["created"]
         mail = seal_mail(self.identity, parse_address(entry["from"]), recipient, key,
                          entry["subject"], entry["body"], entry["created"], ttl,
@@ -2085,7 +2136,7 @@ class Node:
         for key in [k for k, expires in self.seen.items() if expires <= now]:
             del self.seen[key]
             self.stores.seen.pop(key, None)
-        for domain in [d for d, expires in self.nis_expiry.items() if expires <= now and d != self.domain]:
+        for domain in [d for d, expires in self.nis_expiry.items() if expires <= now]:
             del self.nis_expiry[domain], self.stores.nis[domain]
         for domain, known in self.stores.peers.items():   # addresses that stopped working
             if known.get("fails", 0) >= KNOWN_PEER_FAILURES and known.get("seen", 0) < now - MAX_TTL:
@@ -2347,6 +2398,9 @@ class Connection:
         finally:
             self.shell.call("connection_lost", self.id)
             self.close()
+            # socketserver closes the socket when handle() returns: let the
+            # writer finish first, so a last error frame reaches the peer.
+            self.writer.join(timeout=5)
 
     # writer --------------------------------------------------------------
 

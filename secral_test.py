@@ -387,7 +387,9 @@ def test_record_checks():
     far = secral.make_record(key(0), None, 0, 1, NOW + secral.MAX_RECORD_LIFETIME + 1)
     with pytest.raises(RemoteError) as err:
         secral.verify_record(far, NOW)
-    assert err.value.code == "bad_ttl"
+    assert err.value.code == "future"           # a clock matter: dropped, not blamed (9.1)
+    assert secral.REPUTATION_EVENTS["future"][0] == 0
+    secral.verify_record(far, NOW + 1)
 
 
 def test_record_supersedes_only_with_higher_seq():
@@ -1246,6 +1248,71 @@ def test_mail_from_core_is_refused():
         secral.verify_mail(forged, NOW)
     assert err.value.code == "bad_address"
 
+def test_acks_follow_the_mail_so_no_flooded_copy_lingers():
+    """S floods its mail to A (on the way to R) and to N, a leaf on no path.
+    The ack comes back R -> A -> S; N's copy must go too, not wait a week."""
+    wire = Wire()
+    s_, a, n, r, m = (wire.add(name, key(i)) for i, name in enumerate(["s", "a", "n", "r", "m"]))
+    for x, y in [("s", "a"), ("a", "r"), ("s", "n"), ("n", "m")]:
+        wire.connect(x, y)
+    s_.learn_record(r.record, wire.now)
+    mail_id = wire.submit("s", addr(r))
+    assert wire.status("s", mail_id) == "delivered"
+    for node in (a, n, m):                      # m got its copy from n, two steps off the path
+        assert not [k for k in node.stores.relay.keys() if k.startswith("mail/")], node.name
+
+
+def test_expired_objects_are_never_offered_and_never_blamed():
+    wire = Wire()
+    a, r, b = wire.add("a", key(0)), wire.add("r", key(2)), wire.add("b", key(1))
+    wire.connect("a", "r")
+    a.learn_record(b.record, wire.now)
+    wire.submit("a", addr(b), ttl=30)
+    wire.now += 31                              # expired, and the sweep has not run yet
+    wire.connect("r", "b")
+    assert not [f for f in wire.frames("r", "mail")]
+    assert b.score(r.domain, wire.now) >= 0
+
+
+def test_only_news_about_our_own_mail_earns_an_ack_reward():
+    wire, a, b = two_nodes()
+    conn = wire.links[("b", wire.conn_between("b", "a"))][1]
+    for i in range(3):                          # acks for mail A never sent
+        fake = secral.make_ack(key(1), {**sealed(0, 1), "id": f"{i:032x}"}, "delivered", "", int(wire.now))
+        wire.inject("a", conn, secral.encode_frame({"type": "ack", "hops": 8, "ack": fake}))
+    assert a.score(b.domain, wire.now) == 0
+    mail_id = wire.submit("a", addr(b))
+    assert wire.status("a", mail_id) == "delivered" and a.score(b.domain, wire.now) == 1
+
+
+def test_a_ban_ends_unfinished_handshakes_from_that_address():
+    wire, a, b = two_nodes()
+    wire.run("a", a.connection_made(500, "ip-b", wire.now))           # half-open, same address
+    conn = wire.links[("b", wire.conn_between("b", "a"))][1]
+    for _ in range(5):
+        wire.inject("a", conn, b"garbage\n")
+    assert 500 not in a.peers
+    assert any(c == 500 and reason == "banned" for n, c, reason in wire.closed if n == "a")
+
+
+def test_nis_map_eviction_keeps_what_waits_and_never_crashes(monkeypatch):
+    monkeypatch.setattr(secral, "MAX_NIS_RECORDS", 2)
+    wire = Wire()
+    a, r, b = wire.add("a", key(0)), wire.add("r", key(2)), wire.add("b", key(1))
+    wire.connect("a", "r")
+    wire.connect("r", "b")
+    mail_id = wire.submit("a", addr(b))         # waits for b's record, then seals
+    for i in range(3, 6):                       # more records than the map holds
+        a.learn_record(secral.make_record(key(i), None, 0, 1, int(wire.now) + 999), wire.now)
+    assert wire.status("a", mail_id) == "delivered"
+    assert len(a.nis_expiry) <= 2 + len({r.domain, b.domain})
+
+
+def test_a_peer_closing_a_duplicate_is_not_a_failed_dial():
+    wire, a, b = two_nodes()
+    wire.connect("b", "a")
+    assert not a.dial_backoff and not b.dial_backoff
+
 def test_random_frames_never_raise_anything_but_handled_errors():
     """A small fuzzer over decode_frame and every handler (issue 6 adds more)."""
     wire, a, b = two_nodes()
@@ -1892,6 +1959,7 @@ def test_hostile_bytes_before_the_handshake(target):
         attacker.raw(data)
         assert attacker.closed_by_peer(), index
         assert score_of(target, f"ip:{attacker.ip}") == change, index
+        assert attacker.received[-1]["type"] == "error", index      # told why, before the close
         attacker.close()
     assert target.honest_mail_arrives()
 
