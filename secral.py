@@ -134,6 +134,7 @@ AES_KEY = 32                    # AES-256
 GCM_NONCE = 12                  # bytes; the size GCM is designed for
 GCM_TAG = 16                    # bytes, appended to the ciphertext
 HELLO_NONCE = 16                # bytes of challenge in hello
+LINK_SECRET = 32                # bytes each side contributes to the link keys (8.4)
 MAIL_ID = 16                    # random bytes in a mail id (32 hex characters)
 
 # -- Names (PROTOCOL.md section 5) --
@@ -181,6 +182,7 @@ ERROR_CODES = {
     "wrong_recipient":   "the mail is not addressed to this node",
     "no_such_user":      "the recipient user does not exist on its node",
     "not_ready":         "a frame other than hello/auth before the handshake",
+    "bad_mac":           "a line on an open link that is not a frame with a valid MAC",
     "wrong_peer":        "the peer is not the node that was dialled",
     "self_connection":   "a node connected to itself",
     "duplicate_connection": "a second connection between the same two nodes",
@@ -417,6 +419,7 @@ def check_fields(obj: Any, table: dict[str, Callable], what: str) -> dict:
 from Crypto.Cipher import AES, PKCS1_OAEP          # noqa: E402
 from Crypto.Hash import SHA256                      # noqa: E402
 from Crypto.PublicKey import RSA                    # noqa: E402
+from Crypto.Protocol.KDF import HKDF                # noqa: E402
 from Crypto.Signature import pss                    # noqa: E402
 
 Rng = Callable[[int], bytes]
@@ -494,6 +497,15 @@ def open_gcm(key: bytes, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
         return cipher.decrypt_and_verify(sealed[:-GCM_TAG], sealed[-GCM_TAG:])
     except ValueError:
         raise RemoteError("decrypt_failed", "the ciphertext or its associated data was altered")
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF with SHA-256 (RFC 5869): extract with `salt`, expand with `info`."""
+    return HKDF(ikm, length, salt, SHA256, 1, info)
+
+
+def hmac_sha256(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, "sha256").digest()
 
 
 class Identity:
@@ -886,20 +898,65 @@ def make_hello(record: dict, nonce: bytes) -> dict:
             "nonce": b64e(nonce), "agent": AGENT}
 
 
-def auth_statement(nonce: str, signer: str, peer: str) -> dict:
-    """What auth signs: the other side's challenge and both names (PROTOCOL.md 8.1)."""
-    return {"kind": "auth", "nonce": nonce, "domain": signer, "peer": peer}
+def auth_statement(nonce: str, signer: str, peer: str, secret: str) -> dict:
+    """What auth signs (PROTOCOL.md 8.1): the other side's challenge, both
+    names, and the link secret wrapped for the other side -- so an auth is
+    good for one connection, between two nodes, with one set of link keys."""
+    return {"kind": "auth", "nonce": nonce, "domain": signer, "peer": peer, "secret": secret}
 
 
-def make_auth(identity: Identity, peer_nonce: str, peer_domain: str, rng: Rng = os.urandom) -> dict:
-    signed = identity.sign(auth_statement(peer_nonce, identity.domain, peer_domain), rng)
-    return {"type": "auth", "sig": signed["sig"]}
+def make_auth(identity: Identity, peer_record: dict, peer_nonce: str, link_secret: bytes,
+              rng: Rng = os.urandom) -> dict:
+    """Our auth frame.  Randomness: OAEP seed (32 bytes), then PSS salt (32)."""
+    secret = b64e(wrap_key(parse_public_key(peer_record["key"]), link_secret, rng))
+    signed = identity.sign(auth_statement(peer_nonce, identity.domain, peer_record["domain"], secret), rng)
+    return {"type": "auth", "secret": secret, "sig": signed["sig"]}
 
 
 def verify_auth(frame: dict, record: dict, own_nonce: str, own_domain: str) -> None:
-    """Check the peer signed our challenge with the key of the record it presented."""
-    statement = {**auth_statement(own_nonce, record["domain"], own_domain), "sig": frame["sig"]}
+    """Check the peer signed our challenge and its link secret with the key of
+    the record it presented."""
+    b64d(frame["secret"], "auth.secret", RSA_BYTES)
+    statement = {**auth_statement(own_nonce, record["domain"], own_domain, frame["secret"]),
+                 "sig": frame["sig"]}
     verify_signed(statement, parse_public_key(record["key"]), "auth")
+
+
+def open_auth(identity: Identity, frame: dict) -> bytes:
+    """The peer's link secret, unwrapped with our key (after verify_auth)."""
+    return unwrap_key(identity.key, b64d(frame["secret"], "auth.secret", RSA_BYTES))
+
+
+def link_keys(dialler_secret: bytes, listener_secret: bytes, dialler_nonce: str,
+              listener_nonce: str) -> tuple[bytes, bytes]:
+    """The two MAC keys of a link (8.4): dialler-to-listener, listener-to-dialler."""
+    ikm = dialler_secret + listener_secret
+    salt = b64d(dialler_nonce, "nonce", HELLO_NONCE) + b64d(listener_nonce, "nonce", HELLO_NONCE)
+    return (hkdf_sha256(ikm, salt, b"secral/1 dialler to listener"),
+            hkdf_sha256(ikm, salt, b"secral/1 listener to dialler"))
+
+
+def frame_mac(key: bytes, seq: int, frame: dict) -> str:
+    """HMAC-SHA256 over the 8-byte sequence number and the canonical frame
+    without "mac" (8.4)."""
+    unsigned = {k: v for k, v in frame.items() if k != "mac"}
+    return b64e(hmac_sha256(key, seq.to_bytes(8, "big") + canonical_json(unsigned)))
+
+
+def add_mac(key: bytes, seq: int, frame: dict) -> dict:
+    return {**frame, "mac": frame_mac(key, seq, frame)}
+
+
+def check_mac(key: bytes, seq: int, frame: dict) -> None:
+    """Raise bad_mac unless `frame` carries the MAC for this key and sequence number."""
+    mac = frame.get("mac")
+    try:
+        good = (isinstance(mac, str) and mac.isascii()         # compare_digest wants ASCII
+                and hmac.compare_digest(mac, frame_mac(key, seq, frame)))
+    except RemoteError:                         # not even encodable
+        good = False
+    if not good:
+        raise RemoteError("bad_mac", f"frame {seq} on this link has no valid MAC")
 
 
 # -- Frames -------------------------------------------------------------------
@@ -909,7 +966,7 @@ def verify_auth(frame: dict, record: dict, own_nonce: str, own_domain: str) -> N
 FRAMES: dict[str, dict[str, Callable]] = {
     "hello":      {"v": is_int, "record": is_dict, "nonce": is_str,
                    "agent": is_short_text(MAX_AGENT)},
-    "auth":       {"sig": is_str},
+    "auth":       {"secret": is_str, "sig": is_str},
     "mail":       {"hops": is_hops(MAX_HOPS), "mail": is_dict},
     "ack":        {"hops": is_hops(MAX_HOPS), "ack": is_dict},
     "nis_query":  {"qid": is_hex_id, "domain": check_domain, "hops": is_hops(NIS_HOPS)},
@@ -925,6 +982,8 @@ CONNECTION_STATES: dict[str, tuple[str, ...]] = {
     # state     frame types accepted (anything else is "not_ready")
     "hello":    ("hello", "error"),             # waiting for the peer's hello
     "auth":     ("auth", "error"),              # hello checked, our auth sent
+    "confirm":  ("mail", "ack", "nis_query", "nis_answer", "getpeers", "peers",
+                 "ping", "pong", "error"),      # listener: auth sent, waiting for a MAC'd frame
     "open":     ("mail", "ack", "nis_query", "nis_answer", "getpeers", "peers",
                  "ping", "pong", "error"),
 }
@@ -989,6 +1048,7 @@ REPUTATION_EVENTS: dict[str, tuple[int, bool]] = {
     "bad_ttl":           (-10,   False),
     "bad_hops":          (-10,   False),
     "not_ready":         (-50,   True),       # a frame before the handshake
+    "bad_mac":           (-20,   True),       # scored to the address: it may not be the peer's
     "rate_exceeded":     (-2,    False),      # the frame is dropped, too
     "duplicate":         (-5,    False),      # the same object twice on one connection
     # rewards: what honest peers do
@@ -1152,6 +1212,11 @@ class Peer:
         self.nonce = nonce              # our challenge, base64
         self.their_nonce = ""           # theirs, from their hello
         self.refusal = ""               # the code of an error frame they sent before closing
+        self.secret = b""               # our link secret (8.4) ...
+        self.tx_key: bytes | None = None   # ... and the MAC keys it leads to
+        self.rx_key: bytes | None = None
+        self.tx_seq = 0
+        self.rx_seq = 0
         self.state = "hello"
         self.record: dict | None = None
         self.domain: str | None = None          # claimed by hello ...
@@ -1274,7 +1339,18 @@ class Node:
         return actions
 
     def _send(self, peer: Peer, frame: dict) -> None:
+        """Queue a frame; once the link has keys, with its MAC (8.4)."""
+        if peer.tx_key is not None:
+            frame = add_mac(peer.tx_key, peer.tx_seq, frame)
+            peer.tx_seq += 1
         self._actions.append(Send(peer.conn, frame))
+
+    def transmit(self, conn: int, frame: dict) -> list[Action]:
+        """Send any frame on a connection, MAC'd like our own (for tools and tests)."""
+        peer = self.peers.get(conn)
+        if peer is not None:
+            self._send(peer, frame)
+        return self._take()
 
     def _event(self, name: str, **data: Any) -> None:
         self._actions.append(Event(name, data))
@@ -1432,11 +1508,28 @@ class Node:
             return []
         peer.last_rx = now
         if not self._take_token(peer, now):
+            if peer.rx_key is not None:
+                peer.rx_seq += 1                # dropped unread, but it used its number (8.4)
             self._misbehaved(peer, "rate_exceeded", "frames faster than the rate limit", now,
                              disconnect=peer.state != "open")
             return self._take()
         try:
-            frame = verify_frame(decode_frame(line))
+            if peer.rx_key is not None:
+                try:                            # on an open link only MAC'd frames count (8.4)
+                    frame = decode_frame(line)
+                    check_mac(peer.rx_key, peer.rx_seq, frame)
+                except RemoteError as exc:
+                    self._misbehaved(peer, "bad_mac", exc.message, now, code="bad_mac",
+                                     subject=f"ip:{peer.ip}")
+                    return self._take()
+                peer.rx_seq += 1
+                frame = verify_frame(frame)
+                if peer.state == "confirm":     # the dialler's first MAC'd frame (8.1)
+                    self._open(peer, now)
+                    if peer.state != "open":
+                        return self._take()
+            else:
+                frame = verify_frame(decode_frame(line))
             if frame["type"] not in CONNECTION_STATES[peer.state]:
                 raise RemoteError("not_ready", f"{frame['type']} before the handshake is complete")
             getattr(self, f"handle_{frame['type']}")(peer, frame, now)
@@ -1454,27 +1547,29 @@ class Node:
         peer.tokens -= 1
         return True
 
-    def _misbehaved(self, peer: Peer, event: str, message: str, now: float,
-                    code: str | None = None, disconnect: bool = False) -> None:
+    def _misbehaved(self, peer: Peer, event: str, message: str, now: float, code: str | None = None,
+                    disconnect: bool = False, subject: str | None = None) -> None:
         """Score a misbehaviour (9.1) and disconnect where the table says so (or
-        `disconnect` does); `code` is what the error frame says (default: the event)."""
+        `disconnect` does); `code` is what the error frame says (default: the
+        event); `subject` is who pays (default: the peer)."""
         change, always = REPUTATION_EVENTS.get(event, (0, True))
         disconnect = disconnect or always
-        score = self.reputation.change(peer.subject, change, int(now)) if change else 0
+        subject = subject or peer.subject
+        score = self.reputation.change(subject, change, int(now)) if change else 0
         log.info("peer %s: %s (%s) -> score %d", peer.domain or peer.ip, event, message, score)
         if score <= SCORE_MIN:
-            self._ban(peer, now)
+            self._ban(peer, now, subject)
         elif disconnect:
             self._close(peer, code or (event if event in ERROR_CODES else "malformed"), message, now)
 
     def _reward(self, peer: Peer, event: str, now: float) -> None:
         self.reputation.change(peer.subject, REPUTATION_EVENTS[event][0], int(now))
 
-    def _ban(self, peer: Peer, now: float) -> None:
+    def _ban(self, peer: Peer, now: float, subject: str) -> None:
         """Ban the peer's domain and address (9.2).  Unfinished handshakes from
         that address end too; other nodes already proven behind it stay."""
-        until = self.reputation.ban(peer.subject, int(now))
-        if peer.verified:
+        until = self.reputation.ban(subject, int(now))
+        if subject != f"ip:{peer.ip}":
             self.reputation.ban(f"ip:{peer.ip}", int(now))
         for other in list(self.peers.values()):
             if other is not peer and other.ip == peer.ip and not other.verified:
@@ -1507,24 +1602,40 @@ class Node:
         if peer.outbound:
             # The dialler proves itself first; the listener signs only for a peer
             # that has (8.1), so a replayed public record costs us no signature.
-            self._send(peer, make_auth(self.identity, peer.their_nonce, domain, self.rng))
+            peer.secret = self.rng(LINK_SECRET)
+            self._send(peer, make_auth(self.identity, record, peer.their_nonce, peer.secret, self.rng))
 
     def handle_auth(self, peer: Peer, frame: dict, now: float) -> None:
+        """The peer's auth (8.1).  The dialler opens the link on the listener's
+        auth.  The listener answers with its own and waits in "confirm" for the
+        dialler's first MAC'd frame: proof that whoever is at the other end
+        holds the link keys, and is not relaying someone else's auth."""
         verify_auth(frame, peer.record, peer.nonce, self.domain)
+        their_secret = open_auth(self.identity, frame)
         peer.verified = True
+        if peer.outbound:
+            keys = link_keys(peer.secret, their_secret, peer.nonce, peer.their_nonce)
+        else:
+            peer.secret = self.rng(LINK_SECRET)
+            self._send(peer, make_auth(self.identity, peer.record, peer.their_nonce, peer.secret, self.rng))
+            keys = link_keys(their_secret, peer.secret, peer.their_nonce, peer.nonce)[::-1]
+        peer.tx_key, peer.rx_key = keys         # every frame from here on carries a MAC (8.4)
+        if peer.outbound:
+            self._open(peer, now)
+        else:
+            peer.state = "confirm"
+
+    def _open(self, peer: Peer, now: float) -> None:
+        """The link is proven: resolve a duplicate, then start talking (8.1)."""
         existing = self.open.get(peer.domain)
         if existing is not None:
             # Both dialled at once: keep the connection dialled by the smaller
-            # domain; if one side dialled both, the newer one (8.1).
-            keep_new = (self._dialler(peer) < self._dialler(existing)
-                        or self._dialler(peer) == self._dialler(existing))
-            loser = existing if keep_new else peer
-            if loser is peer:
+            # domain; if one side dialled both, the newer one.
+            keep_new = self._dialler(peer) <= self._dialler(existing)
+            if not keep_new:
                 self._close(peer, "duplicate_connection", "already connected", now)
                 return
             self._close(existing, "duplicate_connection", "replaced by a newer connection", now)
-        if not peer.outbound:
-            self._send(peer, make_auth(self.identity, peer.their_nonce, peer.domain, self.rng))
         peer.state = "open"
         self.open[peer.domain] = peer
         self.learn_record(peer.record, now)
@@ -3297,32 +3408,54 @@ SEED_EDGES = ((5, 1), (1, 6), (6, 7), (1, 2), (7, 3), (2, 6), (7, 5), (4, 2), (4
 
 
 class WirePeer:
-    """A bare peer on a socket, for the demo and the benchmark: the handshake
-    and JSON lines, nothing else (examples/raw_peer.py does it without secral)."""
+    """A bare peer on a socket, for the demo, the benchmark and the tests: the
+    handshake, JSON lines and link MACs, nothing else (examples/raw_peer.py
+    does the same without secral.py)."""
 
-    def __init__(self, port: int, identity: Identity, source: str = "127.0.0.1"):
-        self.identity = identity
+    def __init__(self, port: int, identity: Identity | None, source: str = "127.0.0.1"):
+        self._identity = identity
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
         self.rfile = self.sock.makefile("rb")
+        self.tx_key = self.rx_key = None
+        self.tx_seq = self.rx_seq = 0
+
+    @property
+    def identity(self) -> Identity:
+        return self._identity
 
     def send(self, frame: dict) -> None:
+        if self.tx_key is not None:
+            frame = add_mac(self.tx_key, self.tx_seq, frame)
+            self.tx_seq += 1
         self.sock.sendall(encode_frame(frame))
 
     def recv(self) -> dict | None:
         line = self.rfile.readline(MAX_LINE + 1)
-        return parse_json(line) if line else None
+        if not line:
+            return None
+        frame = parse_json(line)
+        if self.rx_key is not None:
+            check_mac(self.rx_key, self.rx_seq, frame)
+            self.rx_seq += 1
+        return frame
 
     def handshake(self) -> dict:
-        """Dial: check their hello, send ours and our auth, wait for theirs (8.1)."""
+        """Dial (8.1): check their hello, send ours and our auth, check theirs,
+        and derive the link keys (8.4).  Returns the listener's record."""
         hello = self.recv()
         record = verify_record(hello["record"], int(time.time()))
         mine = make_record(self.identity, None, 0, int(time.time()), int(time.time()) + 3600)
-        nonce = os.urandom(HELLO_NONCE)
+        nonce, secret = os.urandom(HELLO_NONCE), os.urandom(LINK_SECRET)
         self.send(make_hello(mine, nonce))
-        self.send(make_auth(self.identity, hello["nonce"], record["domain"]))
+        self.send(make_auth(self.identity, record, hello["nonce"], secret))
         while (frame := self.recv()) is not None and frame["type"] != "auth":
-            pass
+            if frame["type"] == "error":
+                raise RemoteError("refused" if frame["code"] not in ERROR_CODES else frame["code"],
+                                  frame["message"])
         verify_auth(frame, record, b64e(nonce), self.identity.domain)
+        self.tx_key, self.rx_key = link_keys(secret, open_auth(self.identity, frame),
+                                             b64e(nonce), hello["nonce"])
+        self.send({"type": "ping"})             # our first MAC'd frame confirms the link
         return record
 
     def close(self) -> None:
@@ -3431,14 +3564,13 @@ def run_demo(args: argparse.Namespace) -> int:
         header("A misbehaving peer connects to node 1.")
         rogue = WirePeer(nodes[1].port, identities[9], source="127.0.0.66")
         rogue.handshake()
-        say(f"      {identities[9].domain} completes the handshake, then sends a forged mail and garbage:")
+        say(f"      {identities[9].domain} completes the handshake, then sends forged mail:")
         mail = seal_mail(identities[9], Address(DEFAULT_USER, identities[9].domain),
                          Address(DEFAULT_USER, nodes[1].identity.domain), nodes[1].identity.public_b64,
                          "forged", "x", int(time.time()))
         with contextlib.suppress(OSError):
-            rogue.send({"type": "mail", "hops": 8, "mail": {**mail, "subject": "tampered", "id": "0" * 32}})
-            for _ in range(6):
-                rogue.sock.sendall(os.urandom(48).replace(b"\n", b"") + b"\n")
+            for n in range(4):              # each is tampered after signing: -25 each (9.1)
+                rogue.send({"type": "mail", "hops": 8, "mail": {**mail, "id": f"{n:032x}"}})
         while (frame := rogue.recv()) is not None:
             if frame["type"] == "error":
                 say(f"      node 1 says: error \"{frame['code']}\": {frame['message']}")

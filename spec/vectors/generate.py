@@ -358,32 +358,85 @@ def acks_vectors(keys) -> dict:
 def handshake_vectors(keys) -> dict:
     alice, bob, carol = keys["alice"], keys["bob"], keys["carol"]
     alice_record = secral.make_record(alice, "198.51.100.7", 7700, 1, NOW + 86400, Script(det("hs-ra", 32)))
+    bob_record = secral.make_record(bob, None, 0, 1, NOW + 86400, Script(det("hs-rb", 32)))
     carol_record = secral.make_record(carol, None, 0, 1, NOW + 86400, Script(det("hs-rc", 32)))
-    alice_nonce, bob_nonce = det("hs-alice-nonce", 16), det("hs-bob-nonce", 16)
-    hello = secral.make_hello(alice_record, alice_nonce)
+    alice_nonce, bob_nonce = secral.b64e(det("hs-alice-nonce", 16)), secral.b64e(det("hs-bob-nonce", 16))
+    hello = secral.make_hello(alice_record, det("hs-alice-nonce", 16))
     hello["agent"] = "secral-vectors/1"
-    auth = secral.make_auth(alice, secral.b64e(bob_nonce), bob.domain, Script(det("hs-auth", 32)))
+    # Alice dials Bob: her auth answers Bob's challenge and wraps her link secret for Bob.
+    a_secret, b_secret = det("hs-alice-secret", 32), det("hs-bob-secret", 32)
+    auth = secral.make_auth(alice, bob_record, bob_nonce, a_secret,
+                            Script(det("hs-auth-oaep", 32), det("hs-auth-salt", 32)))
+    reply = secral.make_auth(bob, alice_record, alice_nonce, b_secret,
+                             Script(det("hs-reply-oaep", 32), det("hs-reply-salt", 32)))
     vectors = [
-        {"op": "make_auth", "comment": "Alice answers Bob's challenge",
-         "signer": "alice", "peer_nonce": secral.b64e(bob_nonce), "peer_domain": bob.domain,
-         "pss_salt_hex": det("hs-auth", 32).hex(),
-         "statement": secral.canonical_json(secral.auth_statement(secral.b64e(bob_nonce), alice.domain,
-                                                                  bob.domain)).decode(),
+        {"op": "make_auth", "comment": "Alice (dialler) answers Bob's challenge",
+         "signer": "alice", "peer_record": bob_record, "peer_nonce": bob_nonce,
+         "link_secret_hex": a_secret.hex(), "oaep_seed_hex": det("hs-auth-oaep", 32).hex(),
+         "pss_salt_hex": det("hs-auth-salt", 32).hex(),
+         "statement": secral.canonical_json(secral.auth_statement(bob_nonce, alice.domain, bob.domain,
+                                                                  auth["secret"])).decode(),
          "hello": hello, "auth": auth, "expect": "ok"},
+        {"op": "make_auth", "comment": "Bob (listener) answers Alice's, once hers has verified",
+         "signer": "bob", "peer_record": alice_record, "peer_nonce": alice_nonce,
+         "link_secret_hex": b_secret.hex(), "oaep_seed_hex": det("hs-reply-oaep", 32).hex(),
+         "pss_salt_hex": det("hs-reply-salt", 32).hex(),
+         "statement": secral.canonical_json(secral.auth_statement(alice_nonce, bob.domain, alice.domain,
+                                                                  reply["secret"])).decode(),
+         "auth": reply, "expect": "ok"},
     ]
+    other = secral.make_auth(alice, bob_record, bob_nonce, det("hs-other-secret", 32),
+                             Script(det("hs-o-oaep", 32), det("hs-o-salt", 32)))
     cases = [
         ("Bob checks Alice's auth against the record in her hello", auth, alice_record, bob_nonce, bob.domain),
-        ("a replay on a connection with another challenge", auth, alice_record, det("hs-other", 16), bob.domain),
+        ("a replay on a connection with another challenge", auth, alice_record,
+         secral.b64e(det("hs-other", 16)), bob.domain),
         ("relayed to Carol: the auth names Bob", auth, alice_record, bob_nonce, carol.domain),
         ("someone else's record: Carol's record with Alice's signature", auth, carol_record, bob_nonce, bob.domain),
+        ("the link secret swapped for another one", {**auth, "secret": other["secret"]}, alice_record,
+         bob_nonce, bob.domain),
+        ("the secret is not an RSA-3072 block", {**auth, "secret": secral.b64e(b"x" * 32)}, alice_record,
+         bob_nonce, bob.domain),
     ]
     for comment, a, record, nonce, own in cases:
-        code, _ = outcome(secral.verify_auth, a, record, secral.b64e(nonce), own)
+        code, _ = outcome(secral.verify_auth, a, record, nonce, own)
         vectors.append({"op": "verify_auth", "comment": comment, "auth": a, "record": record,
-                        "own_nonce": secral.b64e(nonce), "own_domain": own, "expect": code})
-    return {"description": "The handshake (8.1): make_auth signs 'statement' (the canonical JSON shown) "
-                           "with the given salt; verify_auth checks an auth frame against the peer's "
-                           "record and our own nonce and domain.", "vectors": vectors}
+                        "own_nonce": nonce, "own_domain": own, "expect": code})
+    for comment, frame, reader in [("Bob unwraps Alice's link secret", auth, "bob"),
+                                   ("Carol cannot", auth, "carol")]:
+        code, secret = outcome(secral.open_auth, keys[reader], frame)
+        entry = {"op": "open_auth", "comment": comment, "reader": reader, "auth": frame}
+        if code == "ok":
+            entry["link_secret_hex"] = secret.hex()
+        entry["expect"] = code
+        vectors.append(entry)
+    k_dl, k_ld = secral.link_keys(a_secret, b_secret, alice_nonce, bob_nonce)
+    vectors.append({"op": "link_keys", "comment": "the MAC keys of Alice's link to Bob (Alice dialled)",
+                    "dialler_secret_hex": a_secret.hex(), "listener_secret_hex": b_secret.hex(),
+                    "dialler_nonce": alice_nonce, "listener_nonce": bob_nonce,
+                    "dialler_to_listener_hex": k_dl.hex(), "listener_to_dialler_hex": k_ld.hex(),
+                    "expect": "ok"})
+    first = secral.add_mac(k_dl, 0, {"type": "getpeers"})
+    second = secral.add_mac(k_dl, 1, {"type": "ping"})
+    answer = secral.add_mac(k_ld, 0, {"type": "pong"})
+    for comment, key_, seq, frame in [
+        ("Alice's first frame after the handshake", k_dl, 0, first),
+        ("her second", k_dl, 1, second),
+        ("Bob's first frame, under the other key", k_ld, 0, answer),
+        ("a frame replayed at another position", k_dl, 1, first),
+        ("a frame sent with the wrong direction's key", k_ld, 1, second),
+        ("a frame changed after its MAC", k_dl, 1, {**second, "type": "pong"}),
+        ("a frame without a MAC", k_dl, 0, {"type": "getpeers"}),
+    ]:
+        code, _ = outcome(secral.check_mac, key_, seq, frame)
+        vectors.append({"op": "check_mac", "comment": comment, "key_hex": key_.hex(), "seq": seq,
+                        "frame": frame, "expect": code})
+    return {"description": "The handshake (8.1) and link MACs (8.4). make_auth wraps 'link_secret_hex' for "
+                           "the peer (OAEP seed given) and signs 'statement' (PSS salt given); verify_auth "
+                           "checks an auth against the peer's record and our own nonce and domain; "
+                           "open_auth unwraps the peer's link secret; link_keys derives the two MAC keys; "
+                           "check_mac checks a frame's MAC for a key and sequence number.",
+            "vectors": vectors}
 
 
 def frames_vectors(keys) -> dict:
@@ -410,7 +463,8 @@ def frames_vectors(keys) -> dict:
         ("peers with an object for records", {"type": "peers", "records": {}}),
         ("hello", {"type": "hello", "v": 1, "record": {}, "nonce": "", "agent": "x"}),
         ("hello with a long agent", {"type": "hello", "v": 1, "record": {}, "nonce": "", "agent": "x" * 129}),
-        ("auth", {"type": "auth", "sig": ""}),
+        ("auth", {"type": "auth", "secret": "", "sig": ""}),
+        ("auth without the link secret", {"type": "auth", "sig": ""}),
         ("error", {"type": "error", "code": "busy", "message": "too many connections"}),
         ("error refusing one object", {"type": "error", "code": "quota_exceeded", "message": "full", "ref": "0" * 32}),
         ("error without a message", {"type": "error", "code": "busy"}),
