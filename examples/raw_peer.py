@@ -5,13 +5,15 @@ This is the model for porters.  It does not import secral.py: everything a
 compatible peer needs is here, in the order the specification gives it,
 with the section numbers of spec/PROTOCOL.md in the comments.  The only
 dependencies are the Python standard library (socket, json, base64, hashlib,
-os, time; sys for the command line) and pycryptodome's primitives:
+hmac, os, time; argparse for the command line) and pycryptodome's primitives:
 
     Crypto.PublicKey.RSA      keys (RFC 8017)
     Crypto.Signature.pss      RSASSA-PSS, SHA-256, MGF1-SHA-256, 32-byte salt (4.2)
     Crypto.Cipher.PKCS1_OAEP  RSAES-OAEP, SHA-256, MGF1-SHA-256, empty label (4.3)
     Crypto.Cipher.AES         AES-256-GCM, 12-byte nonce, 16-byte tag (4.4)
+    Crypto.Protocol.KDF.HKDF  HKDF-SHA256, RFC 5869 (link keys, 8.4)
     Crypto.Hash.SHA256
+    (and the standard library's hmac for HMAC-SHA256, 8.4)
 
 What it does, printing each step:
 
@@ -21,12 +23,17 @@ What it does, printing each step:
     listen, so nobody can dial it;
  3. connects to a node at HOST:PORT and runs the handshake as the dialler
     (8.1): both sides send hello; it checks the node's hello and record
-    (signature and domain derivation), proves its own domain with auth,
-    then checks the node's auth;
- 4. seals a mail to Default@<the node's domain> (6.1) and sends it in a
+    (signature and domain derivation); it draws a 32-byte link secret,
+    wraps it for the node's key and signs it into its auth; it checks the
+    node's auth and unwraps the node's link secret;
+ 4. derives the two link keys from both secrets and both nonces (8.4),
+    and from then on puts an HMAC on every frame it sends and checks the
+    HMAC of every frame it receives; its first MAC'd frame, a ping,
+    completes the handshake at the node (8.1);
+ 5. seals a mail to Default@<the node's domain> (6.1) and sends it in a
     mail frame with hops 8 (7.2);
- 5. waits for the node's ack, checks it (7.3) and that it answers this
-    mail, and disconnects.
+ 6. waits for the node's ack, checks it (7.3) and that it answers this
+    mail, makes sure the node answered the ping, and disconnects.
 
 It is a minimal peer: it does not relay other nodes' mail, answer NIS
 questions or keep reputation scores.  It answers getpeers and ping, as
@@ -43,19 +50,21 @@ fresh key is generated and forgotten.  Try it against a local node:
     python3 examples/raw_peer.py 127.0.0.1:<the port it prints>
 
 Exit status: 0 when the node acknowledged the mail as delivered; 1 on any
-failure, with the reason on stderr.
+failure, with the reason on stderr; 2 for a bad command line.
 """
 
+import argparse
 import base64
 import hashlib
+import hmac
 import json
 import os
 import socket
-import sys
 import time
 
 from Crypto.Cipher import AES, PKCS1_OAEP
 from Crypto.Hash import SHA256
+from Crypto.Protocol.KDF import HKDF
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pss
 
@@ -76,9 +85,13 @@ RSA_BYTES = 384                 # a signature and a wrapped key (4.2, 4.3)
 PSS_SALT = 32                   # (4.2)
 AES_KEY, GCM_NONCE, GCM_TAG = 32, 12, 16      # (4.4)
 HELLO_NONCE = 16                # (8.1)
+LINK_SECRET = 32                # bytes of link secret each side contributes (8.1, 8.4)
+LINK_KEY = 32                   # bytes of each HKDF-SHA256 link key (8.4)
+MAC_SEQ_BYTES = 8               # the sequence number in a frame MAC: 8 bytes, big-endian (8.4)
 MAIL_ID = 16                    # random bytes, written as 32 hex digits (3.3)
 RECORD_LIFETIME = 2_592_000     # own record: now + 30 days (5.3)
-MAX_RECORD_AHEAD = 2_592_600    # accepted: at most now + 30 days + 10 minutes (5.3)
+MAX_RECORD_AHEAD = 2_593_200    # accepted: at most now + 30 days + 2 x 10 minutes of clock
+                                # skew, else `future` (5.3 step 10; spec/vectors/records.json)
 MAX_FUTURE = 600                # clock skew allowed (7.7)
 ACK_LIFETIME = 605_400          # created + 7 days + 10 minutes (7.3)
 MAIL_TTL = 3_600                # our mail lives an hour (at most 604,800 s, 6.1)
@@ -93,7 +106,8 @@ SPKI_SUFFIX = bytes.fromhex("0203010001")
 # The error codes that may travel in error frames (9.4).
 WIRE_CODES = {"not_json", "too_large", "malformed", "unknown_type", "bad_key", "bad_domain",
               "bad_address", "bad_signature", "expired", "future", "bad_ttl", "bad_hops",
-              "not_ready", "wrong_peer", "self_connection", "version"}
+              "decrypt_failed", "not_ready", "bad_mac", "wrong_peer", "self_connection",
+              "version"}
 
 B32_LOWER = "abcdefghijklmnopqrstuvwxyz234567"     # RFC 4648 base32 alphabet, lowercase (5.1)
 USER_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")   # (5.2)
@@ -307,14 +321,15 @@ def parse_public_key(text, what="key"):
     return RSA.construct((n, 65537))
 
 
-def sign(private_key, obj):
+def sign(private_key, obj, rng=None):
     """4.2: remove "sig", sign the canonical JSON of the rest with RSASSA-PSS
     (SHA-256, MGF1-SHA-256, 32-byte salt), add "sig" in base64.
 
     pss.new() uses MGF1 with the message's hash (SHA-256) by default; the
-    salt is drawn from os.urandom, a cryptographically secure generator."""
+    salt is drawn from `rng`, os.urandom (a cryptographically secure
+    generator) unless a test vector supplies fixed bytes (11)."""
     unsigned = {k: v for k, v in obj.items() if k != "sig"}
-    signer = pss.new(private_key, salt_bytes=PSS_SALT, rand_func=os.urandom)
+    signer = pss.new(private_key, salt_bytes=PSS_SALT, rand_func=rng or os.urandom)
     signature = signer.sign(SHA256.new(canonical_json(unsigned)))
     assert len(signature) == RSA_BYTES
     return {**unsigned, "sig": b64e(signature)}
@@ -332,12 +347,41 @@ def verify_signature(obj, public_key, what):
         raise ProtocolError("bad_signature", f"{what}: the signature does not verify")
 
 
-def wrap_key(public_key, aes_key):
+def wrap_key(public_key, secret, rng=None):
     """4.3: RSAES-OAEP, SHA-256, MGF1-SHA-256 (the default with hashAlgo),
-    empty label, the 32-byte seed from os.urandom.  The result is 384 bytes."""
-    wrapped = PKCS1_OAEP.new(public_key, hashAlgo=SHA256, randfunc=os.urandom).encrypt(aes_key)
+    empty label, the 32-byte seed from `rng` (os.urandom unless a test
+    vector supplies it).  The result is 384 bytes.  It wraps a mail's AES
+    key (6.1) and, the same way, a link secret in auth (8.1)."""
+    wrapped = PKCS1_OAEP.new(public_key, hashAlgo=SHA256, randfunc=rng or os.urandom).encrypt(secret)
     assert len(wrapped) == RSA_BYTES
     return wrapped
+
+
+def unwrap_key(private_key, wrapped):
+    """4.3, the other way: RSAES-OAEP decryption with our private key.  Any
+    failure -- a block that does not decrypt, or a result that is not
+    exactly 32 bytes long -- is `decrypt_failed`, with one message for both
+    (4.3: do not reveal which step failed).  The raw peer only ever unwraps
+    the node's link secret (8.1); 32 bytes is what 8.4 needs."""
+    try:
+        secret = PKCS1_OAEP.new(private_key, hashAlgo=SHA256).decrypt(wrapped)
+    except (ValueError, TypeError):
+        secret = b""
+    if len(secret) != LINK_SECRET:
+        raise ProtocolError("decrypt_failed", "the wrapped secret does not open with our key")
+    return secret
+
+
+def hkdf_sha256(ikm, salt, info):
+    """8.4: HKDF (RFC 5869) with SHA-256: extract with `salt`, expand with
+    `info` to 32 bytes.  pycryptodome's HKDF(master, key_len, salt, hashmod,
+    num_keys, context) is exactly that with num_keys = 1."""
+    return HKDF(ikm, LINK_KEY, salt, SHA256, 1, info)
+
+
+def hmac_sha256(key, data):
+    """8.4: HMAC (RFC 2104) with SHA-256, the full 32-byte tag."""
+    return hmac.new(key, data, hashlib.sha256).digest()
 
 
 def gcm_seal(aes_key, nonce, plaintext, associated_data):
@@ -446,8 +490,9 @@ def verify_record(record, now, what="record"):
         raise ProtocolError("bad_domain", f"{what}: the domain does not derive from the key")
     if record["expires"] <= now:                                        # 9
         raise ProtocolError("expired", f"{what}: expired")
-    if record["expires"] > now + MAX_RECORD_AHEAD:                      # 10
-        raise ProtocolError("bad_ttl", f"{what}: expires too far ahead")
+    if record["expires"] > now + MAX_RECORD_AHEAD:                      # 10: the signer's
+        raise ProtocolError("future", f"{what}: expires too far ahead")  # clock and ours may
+                                                                        # each be 10 min off
     verify_signature(record, key, what)                                 # 11
     return key
 
@@ -539,13 +584,143 @@ def verify_ack(ack, now, what="ack"):
 # 8 Connections
 # =============================================================================
 
+# -----------------------------------------------------------------------------
+# 8.1 The auth frame: a signed statement and a wrapped link secret
+# -----------------------------------------------------------------------------
+#
+# Each side's auth frame carries two members:
+#
+#   "secret": base64 of a fresh 32-byte *link secret*, wrapped (4.3:
+#             RSA-OAEP, SHA-256, MGF1-SHA-256, empty label) to the PEER's
+#             public key -- the key in the record of the peer's hello;
+#   "sig":    the PSS signature (4.2) of the *auth statement*
+#
+#     {"domain":<signer's domain>,"kind":"auth","nonce":<the other side's
+#      hello nonce>,"peer":<the other side's domain>,"secret":<the same
+#      base64 string as the frame's "secret">}
+#
+# The statement is a signed object that never travels whole: only "secret"
+# and "sig" are sent, and the receiver rebuilds the rest.  Signing the
+# wrapped secret ties this auth to this connection (the nonce), to these
+# two nodes (both domains) and to one set of link keys (the secret): a node
+# that relays someone's auth to a third party cannot use the link, because
+# it cannot unwrap the secret inside and so cannot compute the MACs (8.4).
+
+def auth_statement(nonce, signer, peer, secret):
+    """8.1: the auth statement (without "sig").  `nonce` is the other side's
+    hello nonce exactly as received (the base64 string), `secret` the
+    base64 string of the wrapped link secret exactly as sent."""
+    return {"kind": "auth", "nonce": nonce, "domain": signer, "peer": peer, "secret": secret}
+
+
+def make_auth(private_key, own_domain, peer_record, peer_nonce, link_secret, rng=None):
+    """8.1: our auth frame for a peer whose (already verified) record is
+    `peer_record` and whose hello nonce is `peer_nonce`.  Random bytes are
+    drawn in this order: the OAEP seed (32 bytes), then the PSS salt (32),
+    so that with the bytes of spec/vectors/handshake.json the frame is
+    reproduced byte for byte."""
+    peer_key = parse_public_key(peer_record["key"], "record.key")
+    secret = b64e(wrap_key(peer_key, link_secret, rng))                # 1. OAEP seed
+    statement = auth_statement(peer_nonce, own_domain, peer_record["domain"], secret)
+    return {"type": "auth", "secret": secret,
+            "sig": sign(private_key, statement, rng)["sig"]}            # 2. PSS salt
+
+
+def verify_auth(frame, record, own_nonce, own_domain):
+    """8.1 "Checking an auth", steps 1 and 2: `frame` is the peer's auth,
+    `record` the record of its hello.  Checks, in this order (the first
+    failure decides the code): "secret" is canonical base64 of exactly 384
+    bytes (`malformed`); then the statement rebuilt with domain = the record's domain, nonce =
+    OUR hello nonce, peer = OUR domain and secret = the frame's "secret"
+    verifies with the record's key (`malformed` for a bad "sig" encoding,
+    else `bad_signature`)."""
+    b64d(frame["secret"], "auth.secret", RSA_BYTES)
+    statement = {**auth_statement(own_nonce, record["domain"], own_domain, frame["secret"]),
+                 "sig": frame["sig"]}
+    verify_signature(statement, parse_public_key(record["key"], "record.key"), "auth")
+
+
+def open_auth(private_key, frame):
+    """8.1 "Checking an auth", step 3: the peer's link secret, unwrapped with
+    our private key (4.3) after verify_auth passed.  `decrypt_failed` if it does not open or is
+    not 32 bytes."""
+    return unwrap_key(private_key, b64d(frame["secret"], "auth.secret", RSA_BYTES))
+
+
+# -----------------------------------------------------------------------------
+# 8.4 Link keys and frame MACs
+# -----------------------------------------------------------------------------
+#
+# Both link secrets and both hello nonces go into HKDF-SHA256 (RFC 5869):
+#
+#   IKM  = dialler's secret (32 bytes) || listener's secret (32 bytes)
+#   salt = dialler's hello nonce (16 raw bytes, not the base64 text)
+#          || listener's hello nonce (16 raw bytes)
+#   info = "secral/1 dialler to listener"  -> the key the dialler MACs with
+#          "secral/1 listener to dialler"  -> the key the listener MACs with
+#   L    = 32 bytes each
+#
+# "Dialler" and "listener" are roles on this TCP connection, not names: the
+# raw peer always dials, so it sends with the first key and checks with the
+# second.  Every frame a side sends after its own auth carries
+#
+#   "mac": base64( HMAC-SHA256(its send key,
+#                  seq as 8 bytes big-endian || canonical JSON (3.2) of the
+#                  frame without "mac") )
+#
+# where seq counts that side's MAC'd frames on this connection from 0.  The
+# auth frames themselves carry no MAC.  The receiver recomputes the MAC from
+# the frame as decoded (canonical JSON, so the sender's spelling of the line
+# does not matter) with its own counter for the other direction; a frame
+# without a valid MAC -- missing, wrong, replayed at another position, sent
+# with the other direction's key, or a line that does not decode -- is
+# `bad_mac`, and the node that receives one disconnects (9.1).
+
+def link_keys(dialler_secret, listener_secret, dialler_nonce, listener_nonce):
+    """8.4: (dialler-to-listener key, listener-to-dialler key).  The nonces
+    are the base64 strings of the two hellos."""
+    ikm = dialler_secret + listener_secret
+    salt = (b64d(dialler_nonce, "dialler nonce", HELLO_NONCE)
+            + b64d(listener_nonce, "listener nonce", HELLO_NONCE))
+    return (hkdf_sha256(ikm, salt, b"secral/1 dialler to listener"),
+            hkdf_sha256(ikm, salt, b"secral/1 listener to dialler"))
+
+
+def frame_mac(key, seq, frame):
+    """8.4: the base64 MAC of `frame` (any "mac" member left out) as the
+    seq-th MAC'd frame in its direction."""
+    unmacd = {k: v for k, v in frame.items() if k != "mac"}
+    return b64e(hmac_sha256(key, seq.to_bytes(MAC_SEQ_BYTES, "big") + canonical_json(unmacd)))
+
+
+def add_mac(key, seq, frame):
+    """8.4: the frame with its "mac" member added."""
+    return {**frame, "mac": frame_mac(key, seq, frame)}
+
+
+def check_mac(key, seq, frame):
+    """8.4: raise `bad_mac` unless `frame` carries the right MAC for `key`
+    and `seq`.  The comparison is constant-time (hmac.compare_digest, which
+    wants ASCII strings); a frame with no canonical JSON form (3.2, e.g. an
+    unpaired surrogate) has no valid MAC either."""
+    mac = frame.get("mac")
+    try:
+        good = (isinstance(mac, str) and mac.isascii()
+                and hmac.compare_digest(mac, frame_mac(key, seq, frame)))
+    except ProtocolError:
+        good = False
+    if not good:
+        raise ProtocolError("bad_mac", f"frame {seq} on this link has no valid MAC")
+
+
 # 8.2: the members each frame type must carry, as (name, check, error code).
 FRAME_MEMBERS = {
     "hello": [("v", is_int, "malformed"), ("record", lambda v: isinstance(v, dict), "malformed"),
               ("nonce", lambda v: isinstance(v, str), "malformed"),
               ("agent", lambda v: isinstance(v, str), "malformed"),
               ("agent", lambda v: len(v) <= 128, "too_large")],
-    "auth": [("sig", lambda v: isinstance(v, str), "malformed")],
+    "auth": [("secret", lambda v: isinstance(v, str), "malformed"),      # 8.1
+             ("sig", lambda v: isinstance(v, str), "malformed")],
     "mail": [("hops", is_int, "malformed"), ("hops", lambda v: 0 <= v <= 8, "bad_hops"),
              ("mail", lambda v: isinstance(v, dict), "malformed")],
     "ack": [("hops", is_int, "malformed"), ("hops", lambda v: 0 <= v <= 8, "bad_hops"),
@@ -578,17 +753,55 @@ def check_frame(frame):
 
 
 class Link:
-    """One TCP connection: frames out, frames in (3.1)."""
+    """One TCP connection: frames out, frames in (3.1), and once the link
+    keys are set (8.4), a MAC on every frame each way."""
 
     def __init__(self, host, port):
         self.sock = socket.create_connection((host, port), timeout=WAIT_SECONDS)
         self.rfile = self.sock.makefile("rb")
+        self.tx_key = None              # 8.4: the key we MAC with (dialler to listener) ...
+        self.rx_key = None              # ... and the key the node MACs with (listener to dialler)
+        self.tx_seq = 0                 # our MAC'd frames so far on this connection
+        self.rx_seq = 0                 # the node's MAC'd frames so far
+        self.pongs = 0                  # answers to our ping (8.3)
+
+    def set_keys(self, tx_key, rx_key):
+        """8.4: from now on every frame we send carries a MAC, and every frame
+        the node sends must.  Both counters start at 0."""
+        self.tx_key, self.rx_key = tx_key, rx_key
+        self.tx_seq = self.rx_seq = 0
 
     def send(self, frame):
-        self.sock.sendall(encode_frame(frame))
+        """Send one frame; with the link keys set, add its MAC (8.4) using
+        the next sequence number of our direction.  Returns the line's size."""
+        if self.tx_key is not None:
+            frame = add_mac(self.tx_key, self.tx_seq, frame)
+            self.tx_seq += 1
+        line = encode_frame(frame)
+        try:
+            self.sock.sendall(line)
+        except (BrokenPipeError, ConnectionResetError):
+            self.raise_parting_error()          # the node hung up: say why, if it said
+            raise
+        return len(line)
+
+    def raise_parting_error(self):
+        """A node sends an error frame before it closes (9.4).  If the
+        connection broke under us, read what is left and report that frame
+        (it is MAC'd like any other, 8.4) instead of a bare broken pipe."""
+        try:
+            self.sock.settimeout(1)
+            while True:
+                frame = self.receive()
+                if frame["type"] == "error" and "ref" not in frame:
+                    refuse(frame, "and closed the connection")
+        except (ProtocolError, OSError) as exc:
+            if getattr(exc, "from_node", False):
+                raise
 
     def receive(self):
-        """The next frame, checked by 3.1 and 8.2.  Never buffer more than
+        """The next frame, checked by 3.1, 8.4 and 8.2, in the order a node
+        processes a line (8.2 "Processing a line").  Never buffer more than
         MAX_LINE bytes of one line: a longer one cannot be resynchronised."""
         line = self.rfile.readline(MAX_LINE + 1)
         if not line:
@@ -597,15 +810,33 @@ class Link:
             raise ProtocolError("too_large", "the node sent an oversize line")
         if not line.endswith(b"\n"):
             raise ProtocolError("closed", "the connection ended in the middle of a line")
-        return check_frame(decode_frame(line))
+        if self.rx_key is None:                 # before the node's auth: no MACs yet
+            return check_frame(decode_frame(line))
+        # 8.4 "Checking" (and 8.2 "Processing a line", step 3): on a keyed
+        # link only a frame with a valid MAC counts.  A line that does not
+        # even decode cannot carry one, so it too is bad_mac, whatever the
+        # decoding error (not not_json / malformed).  The MAC is checked
+        # before the frame's type and members (8.2), and every line uses up
+        # its receive sequence number, whatever becomes of it (8.4
+        # "Sequence numbers"); a failure ends the connection anyway.  (An
+        # oversize line, above, stays too_large: 3.1 handles it before any
+        # decoding, keyed link or not.)
+        seq, self.rx_seq = self.rx_seq, self.rx_seq + 1
+        try:
+            frame = decode_frame(line)
+            check_mac(self.rx_key, seq, frame)
+        except ProtocolError as exc:
+            raise ProtocolError("bad_mac", f"frame {seq} from the node: {exc.message}")
+        return check_frame(frame)     # "mac" is not listed in 8.2, so it is ignored there
 
     def close(self, code=None, message=""):
-        """An error frame without ref announces a deliberate disconnect (9.4)."""
+        """An error frame without ref announces a deliberate disconnect (9.4).
+        After the handshake it carries a MAC like every other frame (8.4)."""
         try:
             if code:
                 self.send({"type": "error", "code": code, "message": message})
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+        except (OSError, ProtocolError):        # already closed: nothing more to say
             pass
         self.sock.close()
 
@@ -619,9 +850,12 @@ def refuse(frame, during):
 
 
 def handshake(link, private_key, own_domain, own_record):
-    """8.1 as the dialler.  Returns (the node's domain, record, public key)."""
+    """8.1 as the dialler, then the link keys of 8.4.  Returns (the node's
+    domain, record, public key).  On return the link is keyed and our first
+    MAC'd frame (a ping) is sent, which opens the connection at the node."""
     # Connection start: each side sends hello at once, without waiting.  The
-    # nonce is a fresh 16-byte challenge; the other side signs it in its auth.
+    # nonce is a fresh 16-byte challenge; the other side signs it in its auth,
+    # and both nonces salt the link keys (8.4).
     own_nonce = b64e(os.urandom(HELLO_NONCE))
     link.send({"type": "hello", "v": PROTOCOL_VERSION, "record": own_record,
                "nonce": own_nonce, "agent": AGENT})
@@ -646,41 +880,71 @@ def handshake(link, private_key, own_domain, own_record):
     # bootstrap dial (5.5), we accept whichever node answers.  6 (banned): we
     # keep no scores.
     record = hello["record"]
+    node_nonce = hello["nonce"]
     step(6, f"received hello from {node_domain}")
     info(f"agent {hello['agent']!r}; record: host {record['host']} port {record['port']} "
          f"seq {record['seq']}")
     info("record verified (5.3): key canonical RSA-3072, domain = base32(SHA-256(key)[:15]), "
          "PSS signature good")
 
-    # 7: the state becomes "auth".  We are the dialler, so we sign first: the
-    # auth statement holds the node's nonce exactly as received (the base64
-    # string), our domain and the node's domain.  Only the signature travels.
-    # (A listener MUST NOT send its auth before the dialler's has verified:
-    # replaying a public record must not earn anyone a signature.)
-    statement = {"domain": own_domain, "kind": "auth", "nonce": hello["nonce"], "peer": node_domain}
-    link.send({"type": "auth", "sig": sign(private_key, statement)["sig"]})
-    step(7, f"sent auth: signature over {canonical_json(statement).decode()}")
+    # 7: the state becomes "auth".  We are the dialler, so we sign first
+    # (8.1): a listener MUST NOT send its auth before the dialler's has
+    # verified, so replaying a public record earns nobody a signature.
+    # Our auth carries a fresh 32-byte link secret wrapped to the NODE's key
+    # (the key of the record it just proved in its hello), and the signature
+    # of the statement {domain: ours, kind: "auth", nonce: the node's nonce
+    # as received, peer: the node's domain, secret: that same base64 text}.
+    own_secret = os.urandom(LINK_SECRET)
+    auth = make_auth(private_key, own_domain, record, node_nonce, own_secret)
+    link.send(auth)
+    statement = auth_statement(node_nonce, own_domain, node_domain, auth["secret"])
+    step(7, "sent auth (8.1): our 32-byte link secret wrapped to the node's key (RSA-OAEP, 4.3), "
+            "and a PSS signature over")
+    info(canonical_json({**statement, "secret": auth["secret"][:16] + "..."}).decode())
 
-    # Receiving auth.  The listener answers once ours has verified (8.1,
-    # "Receiving auth", step 2).  We rebuild the statement it must have
-    # signed -- its domain, OUR nonce, our domain -- and verify it with the
-    # key of the record in its hello: the node has now proven its domain.
+    # 8.1 "Receiving auth as the listener" happens at the node: it checks
+    # ours ("Checking an auth": secret, signature, unwrap), then answers
+    # with its own auth: its own fresh link secret wrapped to OUR key, signed
+    # into the statement {domain: the node's, kind: "auth", nonce: OUR hello
+    # nonce, peer: our domain, secret: its "secret"}.  We run the same three
+    # checks: rebuild that statement and verify it with the key of the record
+    # in its hello (the node has now proven its domain -- and, since the
+    # statement covers the wrapped secret, that this secret is the one it
+    # chose for us), then unwrap the secret with our private key.
     auth = link.receive()
     if auth["type"] == "error":
         refuse(auth, "instead of auth")
     if auth["type"] != "auth":
         raise ProtocolError("not_ready", f"expected auth, got {auth['type']}")
-    expected = {"domain": node_domain, "kind": "auth", "nonce": own_nonce, "peer": own_domain,
-                "sig": auth["sig"]}
-    verify_signature(expected, node_key, "auth")
-    step(8, "received auth: the node signed our nonce with the key of its record; "
-            "the connection is open")
+    verify_auth(auth, record, own_nonce, own_domain)
+    node_secret = open_auth(private_key, auth)
+    step(8, "received auth: the node signed our nonce and its wrapped link secret with the key "
+            "of its record; the secret opened with our key")
+
+    # 8.1 "Receiving auth as the dialler", step 1, and 8.4 "Deriving the
+    # keys": the link keys.  We dialled, so our secret and nonce come first in
+    # IKM and salt, and we send with "dialler to listener".  From here on
+    # every frame either way carries a MAC; the auth frames did not.
+    tx_key, rx_key = link_keys(own_secret, node_secret, own_nonce, node_nonce)
+    link.set_keys(tx_key, rx_key)
+    # 8.1 "Confirmation": the listener waits in state `confirm` for the
+    # dialler's first frame with a valid MAC -- the proof that whoever sits
+    # at this end holds the link keys, not a relay of someone else's auth.
+    # Until that frame arrives it sends nothing more, and 10 s after the TCP
+    # connection was made it gives up (timeout).  A dialler MUST send at
+    # least one frame as soon as it opens; one with nothing to say sends a
+    # ping, and the node MUST answer it with a pong (8.3), whose MAC we then
+    # check like any other.  (Our getpeers follows right after.)
+    link.send({"type": "ping"})
+    step(9, "derived the link keys (8.4, HKDF-SHA256) and sent ping, our first MAC'd frame "
+            "(seq 0); the connection is open")
     return node_domain, record, node_key
 
 
 def serve_until(link, want, what):
     """Handle what an open peer must handle until `want(frame)` is true;
-    return that frame.  Everything else is answered or ignored."""
+    return that frame.  Everything else is answered or ignored.  Every frame
+    arriving here has already passed its MAC check in Link.receive (8.4)."""
     deadline = time.monotonic() + WAIT_SECONDS
     while time.monotonic() < deadline:
         link.sock.settimeout(max(0.1, deadline - time.monotonic()))
@@ -689,13 +953,14 @@ def serve_until(link, want, what):
         except socket.timeout:
             break
         kind = frame["type"]
+        info(f"<- {kind} (MAC good, node's frame {link.rx_seq - 1})")
         if want(frame):
             return frame
         if kind == "getpeers":
             # 5.5: our own record only if it has a host (ours has none), then
             # our other open peers (we have none): an empty list is the answer.
             link.send({"type": "peers", "records": []})
-            info("node asked getpeers; answered with peers [] (we have no host and no other peers)")
+            info("   node asked getpeers; answered with peers [] (we have no host and no other peers)")
         elif kind == "peers":
             if len(frame["records"]) > 32:
                 raise ProtocolError("too_large", "more than 32 records in peers")
@@ -705,22 +970,25 @@ def serve_until(link, want, what):
                     verify_record(record, int(time.time()), "peers.record")
                     good += 1
                 except ProtocolError as exc:
-                    info(f"  ignoring an invalid record ({exc})")
-            info(f"node sent peers: {len(frame['records'])} records, {good} valid")
+                    info(f"   ignoring an invalid record ({exc})")
+            info(f"   node sent peers: {len(frame['records'])} records, {good} valid")
         elif kind == "ping":
             link.send({"type": "pong"})                                 # 8.3: MUST answer
+        elif kind == "pong":
+            link.pongs += 1
+            info("   the node answered our ping: it accepted our MACs")
         elif kind == "error":
             if "ref" in frame and not is_hex_id(frame["ref"]):         # 8.2, 9.4
                 raise ProtocolError("malformed", "error.ref is not 32 lowercase hex digits")
             if "ref" not in frame:
                 refuse(frame, f"while waiting for {what}")
-            info(f"node refused object {frame['ref']}: {frame['code']} {frame['message']}")
+            info(f"   node refused object {frame['ref']}: {frame['code']} {frame['message']}")
         elif kind in ("hello", "auth"):
             raise ProtocolError("not_ready", f"{kind} on an open connection")
         else:
-            # mail and acks for others, nis_query, nis_answer, pong: a full
-            # node would relay or answer them (5.4, 7.2); this one does not.
-            info(f"node sent {kind}; a minimal peer ignores it")
+            # mail and acks for others, nis_query, nis_answer: a full node
+            # would relay or answer them (5.4, 7.2); this one does not.
+            info(f"   a minimal peer ignores {kind}")
     raise ProtocolError("timeout", f"no {what} within {WAIT_SECONDS} s")
 
 
@@ -728,26 +996,20 @@ def serve_until(link, want, what):
 # The run
 # =============================================================================
 
-def parse_args(argv):
-    usage = "usage: python3 examples/raw_peer.py HOST:PORT [--key FILE]"
-    args, key_file = [], None
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--key" and i + 1 < len(argv):
-            key_file, i = argv[i + 1], i + 2
-        elif argv[i] in ("-h", "--help"):
-            print(usage)
-            sys.exit(0)
-        else:
-            args.append(argv[i])
-            i += 1
-    if len(args) != 1 or ":" not in args[0]:
-        sys.exit(usage)
-    host, _, port = args[0].rpartition(":")
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="raw_peer.py",
+        description="A Secral peer written from spec/PROTOCOL.md alone: dial a node, "
+                    "mail Default@<its domain>, check the ack.")
+    parser.add_argument("target", metavar="HOST:PORT", help="the node to dial, e.g. 127.0.0.1:7700")
+    parser.add_argument("--key", metavar="FILE",
+                        help="PEM PKCS#8 key file: loaded if it exists, else generated and saved")
+    args = parser.parse_args(argv)
+    host, sep, port = args.target.rpartition(":")
     host = host.strip("[]")                             # [::1]:7700
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        sys.exit(f"bad port in {args[0]!r}\n{usage}")
-    return host, int(port), key_file
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        parser.error(f"bad HOST:PORT {args.target!r}")
+    return parser, host, int(port), args.key
 
 
 def run(host, port, key_file):
@@ -766,12 +1028,12 @@ def run(host, port, key_file):
     step(3, f"signed our NIS record (5.3): host null, port 0, seq {own_record['seq']}, "
             f"{len(canonical_json(own_record))} bytes of canonical JSON")
 
-    # -- 3. connect and handshake (8.1) -------------------------------------------
+    # -- 3. connect, handshake (8.1) and link keys (8.4) ------------------------
     link = Link(host, port)
     step(4, f"connected to {host}:{port}")
     try:
         node_domain, node_record, node_key = handshake(link, private_key, own_domain, own_record)
-        # 5.5: right after the handshake each side sends getpeers.
+        # 5.5: right after the handshake each side sends getpeers (MAC'd, seq 1).
         link.send({"type": "getpeers"})
 
         # -- 4. seal and send a mail (6.1, 7.2) -----------------------------------
@@ -782,21 +1044,21 @@ def run(host, port, key_file):
         now = int(time.time())
         mail, associated_data = seal_mail(private_key, der, sender, recipient, node_key,
                                           subject, body, now, MAIL_TTL)
-        step(9, f"sealed mail {mail['id']} (6.1)")
+        step(10, f"sealed mail {mail['id']} (6.1)")
         info(f"from {sender}")
         info(f"to   {recipient}")
         info(f"AES-256-GCM, associated data {associated_data.decode()}")
         info("AES key wrapped with RSA-OAEP-SHA256 for the node's key; mail signed with RSA-PSS")
-        link.send({"type": "mail", "hops": MAX_HOPS, "mail": mail})
-        step(10, f"sent mail frame, hops {MAX_HOPS} "
-                 f"({len(encode_frame({'type': 'mail', 'hops': MAX_HOPS, 'mail': mail}))} bytes)")
+        size = link.send({"type": "mail", "hops": MAX_HOPS, "mail": mail})
+        step(11, f"sent mail frame, hops {MAX_HOPS}, MAC'd as our frame {link.tx_seq - 1} "
+                 f"({size} bytes)")
 
         # -- 5. the ack (7.3, 7.4) -------------------------------------------------
         frame = serve_until(link,
                             lambda f: f["type"] == "ack" and f["ack"].get("id") == mail["id"],
                             "ack")
         ack = verify_ack(frame["ack"], int(time.time()), "ack")
-        step(11, f"received ack (hops {frame['hops']}); checks of 7.3 passed, signature good")
+        step(12, f"received ack (hops {frame['hops']}); checks of 7.3 passed, signature good")
         # It must answer *our* mail and come from the node we mailed: the
         # ack's signer is Core@<recipient domain>, its target Core@<our domain>,
         # and its key must be the one the recipient's record named.
@@ -812,7 +1074,14 @@ def run(host, port, key_file):
             exc = ProtocolError("rejected", f"the node rejected the mail: {ack['reason']}")
             exc.from_node = True
             raise exc
-        step(12, f"delivered: {recipient} has the mail; disconnecting")
+        # The node answers our ping in order, so its pong normally came
+        # before the ack; if not, wait for it (8.3: a node MUST answer).
+        if not link.pongs:
+            serve_until(link, lambda f: f["type"] == "pong", "pong")
+            link.pongs += 1
+        step(13, f"delivered: {recipient} has the mail; pong received; "
+                 f"{link.rx_seq} frames from the node and {link.tx_seq} of ours carried valid MACs; "
+                 f"disconnecting")
         link.close("shutdown", "raw_peer.py is done")
     except ProtocolError as exc:
         # What the node sent broke a rule: say which with an error frame,
@@ -827,20 +1096,18 @@ def run(host, port, key_file):
         raise
 
 
-def main(argv):
-    host, port, key_file = parse_args(argv)
+def main(argv=None):
+    parser, host, port, key_file = parse_args(argv)
     started = time.monotonic()
     try:
         run(host, port, key_file)
     except ProtocolError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
+        parser.exit(1, f"FAILED: {exc}\n")              # argparse writes to stderr
     except OSError as exc:
-        print(f"FAILED: network error talking to {host}:{port}: {exc}", file=sys.stderr)
-        return 1
+        parser.exit(1, f"FAILED: network error talking to {host}:{port}: {exc}\n")
     print(f"OK ({time.monotonic() - started:.1f} s)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    raise SystemExit(main())
