@@ -119,7 +119,9 @@ MAX_PLAINTEXT = 192_000         # bytes of sealed canonical JSON: escapes can ma
 MAX_DEPTH = 16                  # nesting of arrays/objects in a frame (Secral needs 3)
 MAX_HOPS = 8                    # relay steps a mail or ack may still take
 MAX_TTL = 7 * 86_400            # a mail lives at most 7 days after it was created
-MAX_FUTURE = 600                # clocks may disagree by 10 minutes
+MAX_FUTURE = 600                # a node's clock may be off by 10 minutes ...
+CLOCK_TOLERANCE = 2 * MAX_FUTURE  # ... so two honest clocks may differ by 20: every
+                                # check of another node's timestamp allows that much
 MAX_REASON = 256                # characters in an ack's reason
 MAX_AGENT = 128                 # characters in hello's agent string
 MAX_HOST = 253                  # characters in a record's host (a DNS name's limit)
@@ -144,8 +146,7 @@ CORE_USER = "Core"              # system user: signs acks, asks NIS questions
 DEFAULT_USER = "Default"        # the user every node has from the start
 RECORD_LIFETIME = 30 * 86_400   # a node's own NIS record is valid for 30 days ...
 RECORD_REFRESH = 15 * 86_400    # ... and is re-signed when less than 15 remain
-MAX_RECORD_LIFETIME = RECORD_LIFETIME + 2 * MAX_FUTURE  # longer-lived records are refused
-                                # (2x: the signer's and our clock may each be 10 min off)
+MAX_RECORD_LIFETIME = RECORD_LIFETIME + CLOCK_TOLERANCE   # longer-lived records are refused
 NIS_HOPS = 3                    # how far a nis_query travels
 MAX_NIS_RECORDS = 10_000        # records kept in the NIS map (soonest to expire go first)
 MAX_KNOWN_PEERS = 1_000         # addresses kept for reconnecting
@@ -475,8 +476,8 @@ def unwrap_key(key: RSA.RsaKey, wrapped: bytes) -> bytes:
         secret = PKCS1_OAEP.new(key, hashAlgo=SHA256).decrypt(wrapped)
     except (ValueError, TypeError):
         raise RemoteError("decrypt_failed", "the wrapped key does not open with this node's key")
-    if len(secret) != AES_KEY:
-        raise RemoteError("decrypt_failed", f"the wrapped key is {len(secret)} bytes, not {AES_KEY}")
+    if len(secret) != AES_KEY:                  # the same words: do not say which step failed
+        raise RemoteError("decrypt_failed", "the wrapped key does not open with this node's key")
     return secret
 
 
@@ -822,7 +823,7 @@ def verify_mail(mail: Any, now: int, what: str = "mail") -> dict:
 
 
 def check_lifetime(created: int, expires: int, now: int, what: str) -> None:
-    if created > now + MAX_FUTURE:
+    if created > now + CLOCK_TOLERANCE:
         raise RemoteError("future", f"{what}: created {created - now} s in the future")
     if not created < expires <= created + MAX_TTL:
         raise RemoteError("bad_ttl", f"{what}: expires must be 1..{MAX_TTL} s after created")
@@ -880,7 +881,7 @@ def verify_ack(ack: Any, now: int, what: str = "ack") -> dict:
     key = parse_public_key(ack["from_key"])
     if domain_of_key(ack["from_key"]) != signer.domain:
         raise RemoteError("bad_domain", f"{what}: from_key is not the key of {signer.domain}")
-    if ack["created"] > now + MAX_FUTURE:
+    if ack["created"] > now + CLOCK_TOLERANCE:
         raise RemoteError("future", f"{what}: created {ack['created'] - now} s in the future")
     if ack["created"] + ack_lifetime() <= now:
         raise RemoteError("expired", f"{what}: older than any mail it could answer")
@@ -890,7 +891,7 @@ def verify_ack(ack: Any, now: int, what: str = "ack") -> dict:
 
 def ack_lifetime() -> int:
     """How long an ack is worth carrying: as long as the longest-lived mail."""
-    return MAX_TTL + MAX_FUTURE
+    return MAX_TTL + CLOCK_TOLERANCE
 
 
 def make_hello(record: dict, nonce: bytes) -> dict:
@@ -982,8 +983,8 @@ CONNECTION_STATES: dict[str, tuple[str, ...]] = {
     # state     frame types accepted (anything else is "not_ready")
     "hello":    ("hello", "error"),             # waiting for the peer's hello
     "auth":     ("auth", "error"),              # hello checked, our auth sent
-    "confirm":  ("mail", "ack", "nis_query", "nis_answer", "getpeers", "peers",
-                 "ping", "pong", "error"),      # listener: auth sent, waiting for a MAC'd frame
+    "confirm":  ("error",),                     # listener: auth sent; any other frame with a
+                                                # valid MAC opens the link first (8.1)
     "open":     ("mail", "ack", "nis_query", "nis_answer", "getpeers", "peers",
                  "ping", "pong", "error"),
 }
@@ -1517,6 +1518,10 @@ class Node:
             if peer.rx_key is not None:
                 try:                            # on an open link only MAC'd frames count (8.4)
                     frame = decode_frame(line)
+                    if peer.state == "confirm" and frame.get("type") == "error" and "mac" not in frame:
+                        # A dialler that gives up before it has the keys cannot MAC its goodbye.
+                        self.handle_error(peer, verify_frame(frame), now)
+                        return self._take()
                     check_mac(peer.rx_key, peer.rx_seq, frame)
                 except RemoteError as exc:
                     self._misbehaved(peer, "bad_mac", exc.message, now, code="bad_mac",
@@ -1524,8 +1529,8 @@ class Node:
                     return self._take()
                 peer.rx_seq += 1
                 frame = verify_frame(frame)
-                if peer.state == "confirm":     # the dialler's first MAC'd frame (8.1)
-                    self._open(peer, now)
+                if peer.state == "confirm" and frame["type"] not in ("hello", "auth", "error"):
+                    self._open(peer, now)       # the dialler's first MAC'd frame (8.1)
                     if peer.state != "open":
                         return self._take()
             else:
@@ -1690,7 +1695,7 @@ class Node:
             return
         acked = self.items.get(ack_key(sender, mail["id"], recipient))
         if acked is not None:                   # already answered: tell the asker
-            self._offer(acked, peer, now)
+            self._offer(acked, peer, now, follow=True)
             return
         if self._seen_before(key, peer, frame["hops"], now):
             return
