@@ -2513,3 +2513,18 @@ def test_demo_runs_and_tells_each_step():
     assert "Meet at the harbour" in out and "Bring the map" in out      # the recipient read it
     assert out.count("Meet at the harbour") == 1                        # and the eavesdropper did not
     assert not os.path.exists(re.search(r"Temporary data in (\S+) removed", out).group(1))
+
+
+def test_bench_measures_every_figure():
+    """Small sizes, and no assertion on any time: the figures must exist and be sane."""
+    result = subprocess.run([PYTHON, SCRIPT, "bench", "--json", "--mails", "20", "--relay-mails", "40",
+                             "--stored", "100"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(result.stdout)
+    assert r["machine"]["cores"] == os.cpu_count()
+    assert r["end_to_end"]["delivered"] == 20 and r["relay"]["relayed"] == 40
+    assert r["memory"]["stored"] == 100
+    for figure in (r["crypto"]["recipient_bound"], r["crypto"]["durable_relay_bound"],
+                   r["end_to_end"]["ratio_to_recipient_bound"], r["relay"]["ratio_to_durable_relay_bound"]):
+        assert figure > 0
+    assert r["end_to_end"]["p50_ms"] <= r["end_to_end"]["p99_ms"]
