@@ -2727,7 +2727,7 @@ class NodeShell:
         elif event.name == "mail_received":
             log.info("mail for %s from %s: %r", d["user"], d["sender"], d["subject"])
         elif event.name == "mail_status":
-            log.info("outbox %s: %s %s", d["id"][:12], d["status"], d["reason"])
+            log.info("outbox %s: %s%s", d["id"][:12], d["status"], f" ({d['reason']})" if d["reason"] else "")
         elif event.name == "banned":
             log.warning("banned %s (%s) until %s", d["domain"] or "-", d["ip"],
                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["until"])))
