@@ -27,11 +27,13 @@ Relays and eavesdroppers are assumed hostile.  They can read everything on
 the wire except the subject and body, so they learn who mails whom (node
 and user names), when, and how much.  They cannot read, alter or forge a
 mail, an ack or a NIS record: each is signed, and names are checked against
-keys.  Links are authenticated once, by the handshake; frames after it are
-not, so an on-path attacker can drop or inject frames, but what it injects
-is checked like anything else.  Peers that send garbage, forgeries or
-floods lose reputation and are disconnected and banned (section 9).  A node
-trusts its own disk and clock; the clock may be wrong by 10 minutes.
+keys.  Links are authenticated, not encrypted: the handshake proves both
+keys and derives link keys, and every later frame carries an HMAC, so an
+on-path attacker can drop frames but not inject or alter them, and a node
+cannot borrow the identity of a node that dialled it.  Peers that send
+garbage, forgeries or floods lose reputation and are disconnected and
+banned (section 9).  A node trusts its own disk and clock; a clock may be
+wrong by 10 minutes, so two nodes may disagree by 20.
 
 How a mail travels
 ------------------
@@ -44,21 +46,24 @@ How a mail travels
     outbox: delivered <----------- drop stored copy, forward
 
 If the recipient is offline, relays keep the mail (and flood it to their
-peers within a hop limit) until the recipient connects to one of them.
+peers within a hop limit) until the recipient connects to one of them; the
+ack follows the mail back, and every copy is dropped as it passes.
 
 Reading order (sections of this file)
 -------------------------------------
     Constants            every limit, with its reason
     Errors               RemoteError (their fault) and LocalError (ours), codes
     Encoding             canonical JSON, base64, frames, field checks
-    Cryptography         RSA-PSS, RSA-OAEP, AES-GCM; the only pycryptodome use
+    Cryptography         RSA-PSS, RSA-OAEP, AES-GCM, HKDF; the only pycryptodome use
     Names and NIS        domains, addresses, NIS records
-    Protocol objects     mail, acks, hello/auth, the frame table
+    Protocol objects     mail, acks, hello/auth, link keys and MACs, the frame table
     Reputation           the score table, decay and bans
     Routing core         Node: the whole protocol, sans-IO (no sockets, no clock)
     Stores               shelve over SQLite, durable and thread-safe
     Network shell        sockets and threads around the core
     Control interface    the local port the CLI talks to
+    Mail clients         SMTP submission and POP3 on 127.0.0.1
+    Demo and benchmark   python3 secral.py demo | bench
     Command line         python3 secral.py node | send | inbox | ...
 """
 

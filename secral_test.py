@@ -2403,6 +2403,10 @@ def test_smtp_to_secral_to_pop3_is_byte_correct(mail_pair):
     # UIDL is stable across sessions; DELE takes effect only at QUIT.
     pop = pop3_client(b, "bob", "bob-password")
     assert pop.uidl(1).split()[2] == uid
+    _, top, _ = pop.top(1, 2)                   # the headers and the first two body lines
+    head_end = top.index(b"")
+    assert top[head_end + 1:] == [b"Hello Bob,", b".this line starts with a dot"]   # stuffed, unstuffed
+    assert any(line.startswith(b"Subject: ") for line in top[:head_end])
     pop.dele(1)
     assert pop.stat()[0] == 0
     pop.rset()
@@ -2528,3 +2532,16 @@ def test_bench_measures_every_figure():
                    r["end_to_end"]["ratio_to_recipient_bound"], r["relay"]["ratio_to_durable_relay_bound"]):
         assert figure > 0
     assert r["end_to_end"]["p50_ms"] <= r["end_to_end"]["p99_ms"]
+
+
+
+def test_simulator_delivers_everything_and_leaves_no_copies():
+    """examples/simulate.py on a small network with churn: every mail arrives
+    and the acks clear every copy relays kept (the figures in the README)."""
+    sys.path.insert(0, os.path.join(HERE, "examples"))
+    import simulate
+    for topology in ("random", "scale-free"):
+        result = simulate.simulate([key(i) for i in range(10)], topology, mails=12, churn=0.2,
+                                   minutes=20, seed=3)
+        assert result["delivered"] == 1.0 and result["left_over"] == 0, result
+        assert result["frames_per_mail"] > 0 and result["copies_per_mail"] > 0
