@@ -79,6 +79,7 @@ import functools
 import hashlib
 import heapq
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -106,8 +107,9 @@ log = logging.getLogger("secral")
 # =============================================================================
 # Constants
 # =============================================================================
-# Every number a peer can observe is here, with the reason it has its value.
-# spec/PROTOCOL.md section 10 ("Limits") repeats this table; the two agree.
+# The limits of the protocol, each with the reason for its value.  Timing and
+# resource bounds head the routing core, reputation weights the reputation
+# section; spec/PROTOCOL.md section 10 ("Limits") lists them all.
 
 PROTOCOL_VERSION = 1            # the "v" of hello; a peer with another v is refused
 AGENT = f"secral.py/{__version__}"
@@ -131,6 +133,9 @@ MAX_REASON = 256                # characters in an ack's reason
 MAX_AGENT = 128                 # characters in hello's agent string
 MAX_HOST = 253                  # characters in a record's host (a DNS name's limit)
 MAX_PEER_RECORDS = 32           # records in one peers frame
+MAX_ERROR_CODE = 64             # characters in an error frame's code ...
+MAX_ERROR_MESSAGE = 1024        # ... and in its message
+QUERY_ID = 16                   # random bytes in a nis_query id (32 hex characters)
 
 # -- Cryptography (PROTOCOL.md section 4) --
 RSA_BITS = 3072                 # ~128-bit security; the only size a node accepts
@@ -431,11 +436,6 @@ from Crypto.Signature import pss                    # noqa: E402
 Rng = Callable[[int], bytes]
 
 
-def _mgf1(seed: bytes, length: int) -> bytes:
-    from Crypto.Signature.pss import MGF1
-    return MGF1(seed, length, SHA256)
-
-
 @functools.lru_cache(maxsize=4096)
 def parse_public_key(text: str) -> RSA.RsaKey:
     """Base64 DER SubjectPublicKeyInfo to a key; only RSA-3072 with e=65537.
@@ -650,12 +650,22 @@ def parse_address(value: Any, what: str = "address") -> Address:
     return Address(user, domain)
 
 
+HOSTNAME_RE = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+                         r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
 def is_host(value: Any, what: str) -> str | None:
+    """null, an IPv4 or IPv6 address, or a DNS name (RFC 1123 labels)."""
     if value is None:
         return None
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9.:-]{1,%d}" % MAX_HOST, value):
-        raise RemoteError("malformed", f"{what}: not a host name or IP address")
-    return value
+    if isinstance(value, str) and value.isascii() and len(value) <= MAX_HOST and "%" not in value:
+        if ":" in value or value.replace(".", "").isdigit():          # (no IPv6 zone ids)
+            with contextlib.suppress(ValueError):
+                ipaddress.ip_address(value)
+                return value
+        elif HOSTNAME_RE.fullmatch(value):
+            return value
+    raise RemoteError("malformed", f"{what}: not a host name or IP address")
 
 
 RECORD_FIELDS = {
@@ -679,10 +689,8 @@ def verify_record(record: Any, now: int, what: str = "record") -> dict:
     check_fields(record, RECORD_FIELDS, what)
     if record["kind"] != "nis":
         raise RemoteError("malformed", f'{what}.kind: expected "nis"')
-    if not 0 <= record["port"] <= 65535 or (record["host"] is None and record["port"] != 0):
+    if not (1 <= record["port"] <= 65535 if record["host"] is not None else record["port"] == 0):
         raise RemoteError("malformed", f"{what}.port: 1-65535 with a host, 0 without")
-    if record["host"] is not None and record["port"] == 0:
-        raise RemoteError("malformed", f"{what}.port: a host needs a port")
     if not 0 <= record["seq"] <= MAX_INT:
         raise RemoteError("malformed", f"{what}.seq: must be 0 or more")
     key = parse_public_key(record["key"])
@@ -981,7 +989,7 @@ FRAMES: dict[str, dict[str, Callable]] = {
     "peers":      {"records": is_list},
     "ping":       {},
     "pong":       {},
-    "error":      {"code": is_short_text(64), "message": is_short_text(1024)},
+    "error":      {"code": is_short_text(MAX_ERROR_CODE), "message": is_short_text(MAX_ERROR_MESSAGE)},
 }
 
 CONNECTION_STATES: dict[str, tuple[str, ...]] = {
@@ -1006,7 +1014,7 @@ def verify_frame(frame: dict) -> dict:
 def make_error(code: str, message: str, ref: str | None = None) -> dict:
     """An error frame.  Without `ref` it precedes a disconnect; with `ref` (a mail
     or ack id) it refuses one object and the connection stays open."""
-    frame = {"type": "error", "code": code, "message": message[:1024]}
+    frame = {"type": "error", "code": code, "message": message[:MAX_ERROR_MESSAGE]}
     if ref is not None:
         frame["ref"] = ref
     return frame
@@ -1020,12 +1028,6 @@ def mail_key(sender_domain: str, mail_id: str) -> str:
 def ack_key(sender_domain: str, mail_id: str, recipient_domain: str) -> str:
     """An ack is one recipient's answer to one mail (7.1)."""
     return f"ack/{sender_domain}/{mail_id}/{recipient_domain}"
-
-
-def object_key(kind: str, obj: dict) -> str:
-    if kind == "mail":
-        return mail_key(parse_address(obj["from"]).domain, obj["id"])
-    return ack_key(parse_address(obj["to"]).domain, obj["id"], parse_address(obj["from"]).domain)
 
 
 # =============================================================================
@@ -1117,12 +1119,14 @@ class Reputation:
         return sorted((s, e) for s, e in self.entries.items() if e["until"] > now)
 
     def flush(self, now: int) -> None:
-        for subject in self.dirty:
+        """Save what changed; forget subjects that decayed back to nothing."""
+        for subject in list(self.entries):
             entry = self._entry(subject, now)
             if entry["score"] == 0 and entry["bans"] == 0:
-                self.entries.pop(subject, None)
-                self.store.pop(subject, None)
-            else:
+                del self.entries[subject]
+                if subject in self.dirty or subject in self.store:
+                    self.store.pop(subject, None)
+            elif subject in self.dirty:
                 self.store[subject] = entry
         self.dirty.clear()
 
@@ -1139,6 +1143,7 @@ class Reputation:
 
 # -- Timing and resource bounds (PROTOCOL.md sections 8 and 9) --
 HANDSHAKE_TIMEOUT = 10          # seconds from connect to both auths verified
+DIAL_TIMEOUT = 5                # seconds to establish a TCP connection
 PING_INTERVAL = 60              # a quiet open connection is pinged ...
 IDLE_TIMEOUT = 180              # ... and closed when silent this long
 RATE_PER_SECOND = 500           # frames a peer may send per second, sustained ...
@@ -1194,8 +1199,9 @@ class Config:
     max_outbound: int = 32              # including direct dials to recipients
     max_inbound: int = 64
     max_inbound_per_ip: int = 16
-    rate: float = RATE_PER_SECOND
+    rate: float = RATE_PER_SECOND       # what we accept from a peer ...
     burst: int = RATE_BURST
+    send_rate: float = SEND_RATE        # ... and how fast we send to one (below its limit)
     relay_max_items: int = 20_000       # relay store quota, in total ...
     relay_max_bytes: int = 512 << 20
     origin_max_items: int = 2_000       # ... and per origin domain
@@ -1272,6 +1278,11 @@ class Item:
     handed: bool = False        # written to a connection of `target` itself
     offered: set = dataclasses.field(default_factory=set)   # conns that have it
 
+    @property
+    def settled(self) -> bool:
+        """An ack that reached its target: kept only to answer late copies."""
+        return self.kind == "ack" and self.handed
+
 
 @dataclasses.dataclass
 class Query:
@@ -1300,7 +1311,7 @@ class Node:
 
     Inputs (each takes `now`, Unix seconds as a float, and returns a list of
     actions): connection_made, line_received, line_too_long, connection_lost,
-    dial_failed, tick, submit, lookup.
+    dial_failed, tick, submit, lookup, transmit, close_all.
 
     Events: peer_open, peer_closed, mail_received, mail_status (an outbox
     status changed), nis_result, banned, refused (a peer refused an object).
@@ -1388,7 +1399,8 @@ class Node:
     def refresh_record(self, now: float) -> bool:
         """Re-sign our record when its host/port changed or it nears expiry (5.3)."""
         old = self.stores.nis.get(self.domain)
-        host, port = self.config.host, self.config.port if self.config.host else 0
+        host = self.config.host
+        port = self.config.port if host is not None else 0     # (the rule of make_record)
         if (old is not None and old["host"] == host and old["port"] == port
                 and old["expires"] - now > RECORD_REFRESH):
             return False
@@ -1638,6 +1650,11 @@ class Node:
 
     def _open(self, peer: Peer, now: float) -> None:
         """The link is proven: resolve a duplicate, then start talking (8.1)."""
+        if peer.outbound:                       # an address that works: remember it (5.5),
+            self.dial_backoff.pop(peer.target, None)   # even if this link loses to a duplicate
+            host, port = peer.address
+            self._remember_peer(peer.domain, {"host": host, "port": port, "fails": 0,
+                                              "next": 0, "seen": int(now)})
         existing = self.open.get(peer.domain)
         if existing is not None:
             # Both dialled at once: keep the connection dialled by the smaller
@@ -1650,11 +1667,6 @@ class Node:
         peer.state = "open"
         self.open[peer.domain] = peer
         self.learn_record(peer.record, now)
-        if peer.outbound:                       # an address that works: remember it (5.5)
-            self.dial_backoff.pop(peer.target, None)
-            host, port = peer.address
-            self._remember_peer(peer.domain, {"host": host, "port": port, "fails": 0,
-                                              "next": 0, "seen": int(now)})
         self._event("peer_open", domain=peer.domain, conn=peer.conn, ip=peer.ip,
                     outbound=peer.outbound)
         self._send(peer, {"type": "getpeers"})
@@ -1742,8 +1754,6 @@ class Node:
             item = self._accept(peer, "ack", key, ack, recipient, sender,
                                 min(expires, stored_mail.expires), max(frame["hops"], 1), now, frees=True)
             self._forget(stored_mail)           # the recipient has it: drop our copy
-        if frame["hops"] == 0:
-            item.hops = 0
         for conn in stored_mail.offered:
             other = self.peers.get(conn)
             if other is not None and other.state == "open" and other is not peer:
@@ -1769,7 +1779,7 @@ class Node:
         """A copy of something we already handled: the peer has it.  If this
         copy may travel further than ours, ours takes its hops (so a peer
         cannot stunt a mail by handing us a copy with no hops left first)."""
-        if key not in self.seen:
+        if key not in self.seen and key not in self.items:
             return False
         self._mark_has(key, peer)
         item = self.items.get(key)
@@ -1787,7 +1797,7 @@ class Node:
         also guarded by the relay store, the inbox or the outbox (7.1)."""
         self.seen[key] = expires
         self.seen_changed.add(key)
-        if len(self.seen) > self.config.seen_max:
+        if len(self.seen) > self.config.seen_max:         # (what we hold stays: it is an item)
             for old in heapq.nsmallest(len(self.seen) // 10, self.seen, key=self.seen.get):
                 self.seen.pop(old, None)
                 self.seen_changed.add(old)
@@ -1805,9 +1815,7 @@ class Node:
                 expires: int, hops: int, now: float, frees: bool = False) -> Item | None:
         """Take a new object from `peer` for relaying: store, then route (7.2).
         A copy with no hops left is not ours to pass on: it is dropped, and not
-        remembered, so a copy that may travel is still welcome (7.2).  The
-        relay store is written before the seen-set: a crash between the two
-        must leave a retry welcome, not a mail marked seen and never stored."""
+        remembered, so a copy that may travel is still welcome (7.2)."""
         if hops == 0:
             return None
         size = len(canonical_json(obj))
@@ -1912,6 +1920,9 @@ class Node:
     # -- routing (PROTOCOL.md 7.2) ----------------------------------------------
 
     def _add_item(self, item: Item) -> None:
+        old = self.items.get(item.key)
+        if old is not None:                     # replaced, never counted twice
+            self._unindex(old)
         self.items[item.key] = item
         self.items_for[item.target].add(item.key)
         self.items_by_id[item.key.split("/")[2]].add(item.key)
@@ -1919,8 +1930,14 @@ class Node:
             self._count(item, +1)
 
     def _forget(self, item: Item) -> None:
-        if self.items.pop(item.key, None) is None:
+        if self.items.get(item.key) is not item:
             return
+        del self.items[item.key]
+        self._unindex(item)
+        if item.store == "relay":
+            self.stores.relay.pop(item.ref, None)
+
+    def _unindex(self, item: Item) -> None:
         self.items_for[item.target].discard(item.key)
         if not self.items_for[item.target]:
             del self.items_for[item.target]
@@ -1930,7 +1947,6 @@ class Node:
             del self.items_by_id[mail_id]
         if item.store == "relay":
             self._count(item, -1)
-            self.stores.relay.pop(item.ref, None)
 
     def _count(self, item: Item, sign: int) -> None:
         for name, amount in (("items", 1), ("bytes", item.size)):
@@ -1955,6 +1971,10 @@ class Node:
         target = parse_address(entry["to"]).domain
         if entry.get("mail") is None:
             self.waiting_key[target].add(mail_id)
+            return
+        if target == self.domain:               # to ourselves: no network involved
+            ack = self._deliver_local(entry["mail"], mail_key(self.domain, mail_id), None, now)
+            self._ack_arrived(ack, self.domain, now)
             return
         self._add_item(Item(mail_key(self.domain, mail_id), "mail", "outbox", mail_id, target,
                             self.domain, entry["expires"], len(canonical_json(entry["mail"])),
@@ -1994,8 +2014,8 @@ class Node:
         """Where an object goes next (7.2): its target if connected; else, if we
         made it and the target's record has a host, a direct dial; else every
         other peer, better reputation first."""
-        if item.kind == "ack" and item.handed:
-            return                              # it reached its target; kept to answer repeats
+        if item.settled:
+            return
         peer = self.open.get(item.target)
         if peer is not None:
             self._offer(item, peer, now)
@@ -2010,7 +2030,7 @@ class Node:
         and our own queued mail goes to it too."""
         for key in list(self.items_for.get(peer.domain, ())):
             item = self.items[key]
-            if not (item.kind == "ack" and item.handed):
+            if not item.settled:
                 self._offer(item, peer, now)
         for item in list(self.items.values()):
             if (item.store == "outbox" and not item.offered and item.target not in self.open
@@ -2030,7 +2050,7 @@ class Node:
         dial is in flight; False if there is no host or it failed recently."""
         if self._connecting(domain):
             return True
-        failures, next_try = self.dial_backoff.get(domain, (0, 0))
+        _, next_try = self.dial_backoff.get(domain, (0, 0))
         if max(next_try, self.stores.peers.get(domain, {}).get("next", 0)) > now:
             return False
         record = self.known_record(domain, now)
@@ -2045,7 +2065,6 @@ class Node:
 
     def dial_failed(self, target: str, now: float) -> list[Action]:
         """The shell could not connect to a Dial's target (a domain or host:port)."""
-        self.dialing.pop(target, None)
         self._dial_failed(target, now)
         return self._take()
 
@@ -2115,12 +2134,10 @@ class Node:
                          _prefixed_rng(bytes.fromhex(mail_id), self.rng))
         entry["mail"] = mail
         self.stores.outbox[mail_id] = entry
-        if recipient.domain == self.domain:       # to ourselves: no network involved
-            ack = self._deliver_local(mail, mail_key(self.domain, mail_id), None, now)
-            self._ack_arrived(ack, self.domain, now)
-            return
         self._add_outbox_item(mail_id, entry, now)
-        self._route(self.items[mail_key(self.domain, mail_id)], now)
+        item = self.items.get(mail_key(self.domain, mail_id))
+        if item is not None:
+            self._route(item, now)
 
     def lookup(self, domain: str, now: float) -> tuple[dict | None, list[Action]]:
         """A record from the NIS map, or None and a nis_query on its way (5.4)."""
@@ -2133,7 +2150,7 @@ class Node:
     def _ask(self, domain: str, now: float) -> None:
         if any(q.domain == domain and q.origin is None for q in self.queries.values()):
             return                              # already asking
-        qid = self.rng(16).hex()
+        qid = self.rng(QUERY_ID).hex()
         query = Query(qid, domain, None, now + NIS_TIMEOUT)
         self.queries[qid] = query
         self._seen_query(qid)
@@ -2223,6 +2240,9 @@ class Node:
 
     def tick(self, now: float) -> list[Action]:
         """Timeouts, keepalives, retries, expiry, and the outbound peer set."""
+        for target, since in list(self.dialing.items()):
+            if now - since > DIAL_TIMEOUT + HANDSHAKE_TIMEOUT:
+                self._dial_failed(target, now)  # the shell never reported back: give up
         for peer in list(self.peers.values()):
             if peer.state != "open" and now - peer.opened > HANDSHAKE_TIMEOUT:
                 self._close(peer, "timeout", f"no handshake within {HANDSHAKE_TIMEOUT} s", now)
@@ -2507,7 +2527,6 @@ class Stores:
 
 MAX_QUEUE_BYTES = 16 << 20      # unsent bytes per connection; a peer that does not
                                 # read that much is dropped rather than buffered
-DIAL_TIMEOUT = 5                # seconds to establish a TCP connection
 TICK_SECONDS = 0.5              # how often the core is told that time passed
 SOCKET_TIMEOUT = IDLE_TIMEOUT + 30   # a safety net under the core's own timeouts
 SERVE_POLL = 0.05               # seconds; how soon a listening server notices stop()
@@ -2587,7 +2606,7 @@ class Connection:
             self.cond.notify()
 
     def _write_loop(self) -> None:
-        rate = max(float(SEND_RATE), 0.8 * self.shell.core.config.rate)   # below the peers' limit
+        rate = float(self.shell.core.config.send_rate)   # below the peer's limit (9.3)
         allowance, stamp = rate, time.monotonic()
         try:
             while True:
@@ -2768,7 +2787,7 @@ class NodeShell:
         target = dial.domain or f"{dial.host}:{dial.port}"
         try:
             sock = socket.create_connection((dial.host, dial.port), timeout=DIAL_TIMEOUT)
-        except OSError as exc:
+        except (OSError, UnicodeError, ValueError) as exc:   # unreachable, or not a usable name
             log.info("cannot reach %s (%s:%d): %s", dial.domain or "peer", dial.host, dial.port, exc)
             self.call("dial_failed", target)
             return
@@ -3300,7 +3319,7 @@ class SmtpHandler(MailClientHandler):
     def _read_data(self) -> bytes | None:
         lines, size = [], 0
         while True:
-            line = self.rfile.readline(MAIL_LINE * 4)
+            line = self.rfile.readline(MAIL_MESSAGE + 3)     # whole lines: "." only at a line start
             if not line:
                 raise ValueError("the client hung up during DATA")
             if line in (b".\r\n", b".\n"):
@@ -3651,7 +3670,7 @@ class BenchNode:
         import subprocess
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "node", "--data-dir", self.data_dir,
-             "--host", "127.0.0.1", "--port", "0", "--rate", "1000000", *args],
+             "--host", "127.0.0.1", "--port", "0", "--rate", "1000000", "--send-rate", "1000000", *args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         for line in self.proc.stdout:
             if match := re.search(r"node (node-\w+)", line):
@@ -3873,9 +3892,10 @@ def run_bench(args: argparse.Namespace) -> int:
 # =============================================================================
 # Command line
 # =============================================================================
-# python3 secral.py node | send | inbox | read | outbox | peers | whoami |
-# nis lookup | users | contacts.  Every command but node and whoami talks to
-# the running node; all take --data-dir and --json.
+# python3 secral.py node | send | inbox | read | outbox | peers | status |
+# whoami | nis lookup | users | contacts | passwd | demo | bench.  All take
+# --data-dir and --json; all but node, whoami, demo and bench talk to the
+# node running on that directory.
 
 def default_data_dir() -> str:
     return os.environ.get("SECRAL_HOME") or os.path.join(os.path.expanduser("~"), ".secral")
@@ -3953,6 +3973,8 @@ def run_node(args: argparse.Namespace) -> int:
                     origin_max_items=args.origin_max_items, origin_max_bytes=args.origin_max_mb << 20)
     if args.rate:
         config.rate, config.burst = args.rate, int(args.rate * 2)
+    if args.send_rate:
+        config.send_rate = args.send_rate
     shell = NodeShell(data_dir, config, listen, Clock(args.clock_file),
                       smtp=(args.mail_host, args.smtp_port) if args.smtp_port is not None else None,
                       pop3=(args.mail_host, args.pop3_port) if args.pop3_port is not None else None)
@@ -4119,7 +4141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", metavar="HOST:PORT", help="address to publish in the NIS record")
     p.add_argument("--no-listen", action="store_true", help="behind NAT: accept no connections")
     p.add_argument("--target-outbound", type=int, default=8, help="outbound connections to keep")
-    p.add_argument("--rate", type=float, help=f"frames/s a peer may send (default {RATE_PER_SECOND})")
+    p.add_argument("--rate", type=float, help=f"frames/s a peer may send us (default {RATE_PER_SECOND})")
+    p.add_argument("--send-rate", type=float,
+                   help=f"frames/s we send on one connection (default {SEND_RATE}; keep it below "
+                        "the peers' --rate)")
     quota = Config()
     p.add_argument("--store-max-items", type=int, default=quota.relay_max_items,
                    help="mails and acks kept for others, in total (default %(default)s)")

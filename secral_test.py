@@ -99,14 +99,18 @@ class Wire:
         self.dials: list[tuple[str, Dial]] = []
         self.next_conn = 1
         self.down: set[str] = set()
+        self.listening: dict[tuple[str, int], str] = {}   # addresses that accept, advertised or not
 
-    def add(self, name: str, identity: Identity, port: int | None = None, **config) -> Node:
+    def add(self, name: str, identity: Identity, port: int | None = None,
+            listen: tuple[str, int] | None = None, **config) -> Node:
         config.setdefault("host", "10.0.0.%d" % (len(self.nodes) + 1) if port else None)
         config.setdefault("port", port or 0)
         node = Node(identity, Stores.memory(), Config(**config), self.now,
                     Counter(len(self.nodes) + 1))
         node.name = name
         self.nodes[name] = node
+        if listen or port:
+            self.listening[listen or (config["host"], config["port"])] = name
         return node
 
     def name_of(self, domain: str) -> str:
@@ -141,9 +145,9 @@ class Wire:
                     self.queue.append((other, None))
             elif isinstance(action, Dial):
                 self.dials.append((name, action))
-                target = next((n for n, node in self.nodes.items()
-                               if (node.config.host, node.config.port) == (action.host, action.port)
-                               and n not in self.down), None)
+                target = self.listening.get((action.host, action.port))
+                if target in self.down:
+                    target = None
                 if target is None:
                     self.run(name, self.nodes[name].dial_failed(
                         action.domain or f"{action.host}:{action.port}", self.now))
@@ -1402,6 +1406,55 @@ def test_a_held_ack_answers_a_late_copy_whatever_its_hops():
     wire.transmit("late", wire.conn_between("late", "r"), {"type": "mail", "hops": 5, "mail": mail})
     assert len(wire.frames("r", "ack")) == before + 1
     assert not [k for k in r.stores.relay.keys() if k.startswith("mail/")]
+
+def test_a_dial_that_never_reports_back_is_given_up():
+    wire = Wire()
+    a = wire.add("a", key(0))
+    b = wire.add("b", key(1), port=7000)
+    a.learn_record(b.record, wire.now)
+    assert a._dial_domain(b.domain, wire.now) and b.domain in a.dialing
+    a._take()                                   # the shell lost the Dial (its thread died)
+    wire.advance(secral.DIAL_TIMEOUT + secral.HANDSHAKE_TIMEOUT + 2)
+    assert b.domain not in a.dialing and b.domain in a.dial_backoff
+
+
+@pytest.mark.parametrize("host", ["a..b", "-a.b", "fe80::1%eth0", "1.2.3", "x" * 254, "exa mple.org"])
+def test_records_with_unusable_hosts_are_refused(host):
+    record = key(0).sign({**secral.make_record(key(0), "example.org", 7700, 1, NOW + 100), "host": host})
+    with pytest.raises(RemoteError) as err:
+        secral.verify_record(record, NOW)
+    assert err.value.code == "malformed"
+
+
+def test_a_relay_restarted_without_its_seen_set_counts_each_mail_once():
+    wire = Wire()
+    a, r = wire.add("a", key(0)), wire.add("r", key(2))
+    wire.connect("a", "r")
+    mail = sealed(0, 1)
+    wire.transmit("a", wire.conn_between("a", "r"), {"type": "mail", "hops": 8, "mail": mail})
+    assert r.relay_usage["items"] == 1
+    # A kill -9 before the seen-set was saved: the same stores, no seen keys.
+    r.stores.seen.clear()
+    again = Node(key(2), r.stores, r.config, wire.now, Counter(7))
+    again.name = "r"
+    wire.stop("r")
+    wire.nodes["r"] = again
+    wire.down.discard("r")
+    wire.connect("a", "r")
+    wire.transmit("a", wire.conn_between("a", "r"), {"type": "mail", "hops": 8, "mail": mail})
+    assert again.relay_usage["items"] == 1 and again.relay_usage["bytes"] == r.relay_usage["bytes"]
+
+
+def test_a_bootstrap_peer_that_dialled_first_is_not_redialled_forever():
+    wire = Wire()
+    a = wire.add("a", key(0), port=7001)
+    b = wire.add("b", key(1), listen=("10.0.0.2", 7002))      # listens, advertises nothing
+    assert a.domain > b.domain                  # so a duplicate dialled by a loses
+    a.config.bootstrap = (("10.0.0.2", 7002),)  # b's address, without its name
+    wire.connect("b", "a", Dial("10.0.0.1", 7001, a.domain))   # b dialled first
+    wire.advance(60, step=1)
+    redials = [d for n, d in wire.dials if n == "a" and (d.host, d.port) == ("10.0.0.2", 7002)]
+    assert len(redials) <= 1 and b.domain in a.open
 
 def test_random_frames_never_raise_anything_but_handled_errors():
     """A small fuzzer over decode_frame and every handler (issue 6 adds more)."""

@@ -176,6 +176,8 @@ def records_vectors(keys) -> dict:
         ("the host was changed after signing", {**good, "host": "203.0.113.9"}, NOW),
         ("the domain is someone else's", {**good, "domain": bob.domain}, NOW),
         ("the key is someone else's", {**good, "key": bob.public_b64}, NOW),
+        ("expires exactly 30 days and 20 minutes ahead: the longest allowed",
+         record(alice, "198.51.100.7", 7700, 2, NOW + secral.MAX_RECORD_LIFETIME, "record-longest"), NOW),
         ("expires more than 30 days and 20 minutes ahead (clocks may differ by 2 x 10 min)",
          record(alice, "198.51.100.7", 7700, 2, NOW + secral.MAX_RECORD_LIFETIME + 1, "record-long"), NOW),
         ("port 0 with a host", alice.sign({**good, "port": 0}, Script(det("record-port0", 32))), NOW),
