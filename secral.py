@@ -3954,6 +3954,7 @@ def run_node(args: argparse.Namespace) -> int:
     """python3 secral.py node: run in the foreground until Ctrl-C or SIGTERM."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    os.umask(0o077)                             # mail, keys and password hashes: ours alone
     data_dir = args.data_dir
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     if os.path.exists(os.path.join(data_dir, CONTROL_FILE)):

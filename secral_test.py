@@ -1724,6 +1724,9 @@ def test_cli_two_processes_end_to_end(procs, tmp_path):
     assert rejected.returncode == 2 and "no_such_user" in rejected.stdout
     assert a.stop() == 0 and b.stop() == 0
     assert not os.path.exists(os.path.join(A, "control.json"))
+    for name in os.listdir(B):                  # nobody else may read the node's files
+        if name.endswith(".db"):
+            assert os.stat(os.path.join(B, name)).st_mode & 0o077 == 0, name
 
 
 def test_cli_without_a_node_says_so(tmp_path):
