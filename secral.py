@@ -661,10 +661,12 @@ def is_host(value: Any, what: str) -> str | None:
     if isinstance(value, str) and value.isascii() and len(value) <= MAX_HOST and "%" not in value:
         if ":" in value or value.replace(".", "").isdigit():          # (no IPv6 zone ids)
             with contextlib.suppress(ValueError):
-                ipaddress.ip_address(value)
-                return value
-        elif HOSTNAME_RE.fullmatch(value):
-            return value
+                ip = ipaddress.ip_address(value)
+                if not (ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255"):
+                    return value
+        elif HOSTNAME_RE.fullmatch(value) and not re.fullmatch(r"[0-9]+|0x[0-9a-f]+",
+                                                                 value.rsplit(".", 1)[-1].lower()):
+            return value                        # (a name ending in digits is an address in disguise)
     raise RemoteError("malformed", f"{what}: not a host name or IP address")
 
 
@@ -1060,7 +1062,7 @@ REPUTATION_EVENTS: dict[str, tuple[int, bool]] = {
     "rate_exceeded":     (-2,    False),      # the frame is dropped, too
     "duplicate":         (-5,    False),      # the same object twice on one connection
     # rewards: what honest peers do
-    "mail_relayed":      (+1,    False),      # a valid mail we had not seen
+    "mail_relayed":      (+1,    False),      # a mail it brought us, once its ack proves it real
     "ack_relayed":       (+1,    False),      # a valid ack we had not seen
     "nis_answer":        (+2,    False),      # a valid record we asked for
 }
@@ -1275,6 +1277,7 @@ class Item:
     own: bool                   # we made it: we may dial its target directly
     next_try: float
     tries: int = 0
+    source: str | None = None   # who gave it to us: rewarded when its ack proves it real
     handed: bool = False        # written to a connection of `target` itself
     offered: set = dataclasses.field(default_factory=set)   # conns that have it
 
@@ -1520,13 +1523,16 @@ class Node:
                              code="too_large")
         return self._take()
 
-    def line_received(self, conn: int, line: bytes, now: float) -> list[Action]:
-        """One line from a peer: rate-limit, decode, check, dispatch (8.2)."""
+    def line_received(self, conn: int, line: bytes, now: float,
+                      arrived: float | None = None) -> list[Action]:
+        """One line from a peer: rate-limit, decode, check, dispatch (8.2).
+        `arrived` is when the line came off the socket: the rate limit judges
+        the peer by its sending, not by how late we got round to reading."""
         peer = self.peers.get(conn)
         if peer is None or peer.state == "closed":
             return []
         peer.last_rx = now
-        if not self._take_token(peer, now):
+        if not self._take_token(peer, now if arrived is None else arrived):
             if peer.rx_key is not None:
                 peer.rx_seq += 1                # dropped unread, but it used its number (8.4)
             self._misbehaved(peer, "rate_exceeded", "frames faster than the rate limit", now,
@@ -1563,8 +1569,9 @@ class Node:
 
     def _take_token(self, peer: Peer, now: float) -> bool:
         """Token bucket (9.3): `rate` frames per second after a `burst`."""
-        peer.tokens = min(self.config.burst, peer.tokens + (now - peer.tokens_at) * self.config.rate)
-        peer.tokens_at = now
+        elapsed = max(0.0, now - peer.tokens_at)
+        peer.tokens = min(self.config.burst, peer.tokens + elapsed * self.config.rate)
+        peer.tokens_at = max(now, peer.tokens_at)
         if peer.tokens < 1:
             return False
         peer.tokens -= 1
@@ -1754,6 +1761,9 @@ class Node:
             item = self._accept(peer, "ack", key, ack, recipient, sender,
                                 min(expires, stored_mail.expires), max(frame["hops"], 1), now, frees=True)
             self._forget(stored_mail)           # the recipient has it: drop our copy
+        if stored_mail.source:                  # the mail was real: whoever brought it earns (9.1)
+            self.reputation.change(f"domain:{stored_mail.source}",
+                                   REPUTATION_EVENTS["mail_relayed"][0], int(now))
         for conn in stored_mail.offered:
             other = self.peers.get(conn)
             if other is not None and other.state == "open" and other is not peer:
@@ -1820,17 +1830,21 @@ class Node:
             return None
         size = len(canonical_json(obj))
         refusal = None if frees else self._over_quota(origin, size)
+        if refusal and target in self.open:
+            # Full, but its target is right here: hand it over without keeping a copy.
+            self._send(self.open[target], {"type": kind, "hops": hops - 1, kind: obj})
+            return None
         if refusal:
             peer.recent.pop(key, None)          # not accepted: a retry may be
             self._send(peer, make_error("quota_exceeded", refusal, ref=obj["id"]))
             return None
-        if kind == "mail" or frees:             # an ack for nothing we held earns nothing
-            self._reward(peer, f"{kind}_relayed", now)
+        if frees:                               # an ack for nothing we held earns nothing
+            self._reward(peer, "ack_relayed", now)
         self.stores.relay[key] = {"kind": kind, "obj": obj, "hops": hops - 1,
                                   "received": int(now), "expires": expires}
         self._remember(key, expires)
         item = Item(key, kind, "relay", key, target, origin, expires, size, hops - 1,
-                    own=False, next_try=now + self.config.retry_first)
+                    own=False, next_try=now + self.config.retry_first, source=peer.domain)
         item.offered.add(peer.conn)
         self._add_item(item)
         self._route(item, now)
@@ -1859,8 +1873,6 @@ class Node:
             return self._object(answered)
         entry = self.stores.inbox.get(key)
         if entry is None:
-            if peer is not None:
-                self._reward(peer, "mail_relayed", now)
             status, reason, plain = "delivered", "", None
             try:
                 plain = open_mail(self.identity, mail)
@@ -1878,6 +1890,8 @@ class Node:
                 self.stores.inbox[key] = entry
                 self._event("mail_received", key=key, user=user, sender=mail["from"],
                             subject=plain["subject"])
+                if peer is not None:            # a real delivery: the bringer earns (9.1)
+                    self._reward(peer, "mail_relayed", now)
             else:
                 log.info("rejected mail %s from %s: %s", mail["id"], mail["from"], reason)
         if sender != self.domain:
@@ -2040,10 +2054,13 @@ class Node:
     # -- direct connections and the peer set (PROTOCOL.md 5.5) -----------------
 
     def _connecting(self, target: str) -> bool:
-        """A dial or a connection (even mid-handshake) to this target exists: a
-        node never dials a domain twice at once (8.1)."""
+        """A dial of ours to this target is in flight, or a connection to it is
+        proven: a node never dials a domain twice at once (5.5).  An inbound
+        hello alone proves nothing (anyone can replay a record), so it counts
+        only once its auth has verified."""
         return target in self.dialing or any(
-            target in (p.target, p.domain, p.expect) for p in self.peers.values())
+            (p.outbound and target in (p.target, p.expect)) or (p.verified and p.domain == target)
+            for p in self.peers.values())
 
     def _dial_domain(self, domain: str, now: float) -> bool:
         """Dial `domain` from its record if that is possible now.  True while a
@@ -2224,6 +2241,10 @@ class Node:
             raise RemoteError("too_large", f"more than {MAX_PEER_RECORDS} records")
         fresher = []
         for record in frame["records"]:
+            domain = record.get("domain") if isinstance(record, dict) else None
+            known = self.stores.nis.get(domain) if isinstance(domain, str) else None
+            if known is not None and type(record.get("seq")) is int and record["seq"] <= known["seq"]:
+                continue                        # nothing new: not worth an RSA verification
             try:
                 verify_record(record, int(now), "peers.record")
             except RemoteError as exc:
@@ -2572,7 +2593,7 @@ class Connection:
                     break
                 if not line.endswith(b"\n"):
                     break                      # the peer hung up mid-line
-                self.shell.call("line_received", self.id, line)
+                self.shell.call("line_received", self.id, line, arrived=self.shell.clock())
         except (OSError, ValueError):
             pass                               # reset, timeout, or closed under us
         except Exception:                      # a bug: log it, keep the node alive
@@ -3150,7 +3171,10 @@ class Control:
 MAIL_LINE = 4096                # bytes in one SMTP/POP3 command line
 MAIL_MESSAGE = 4 << 20          # bytes in one SMTP DATA section, before it is parsed
 MAIL_TIMEOUT = 300              # seconds a mail client may stay silent
-SCRYPT = {"n": 2**14, "r": 8, "p": 1}   # ~50 ms and 16 MiB per check
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}   # ~50 ms and 16 MiB per check ...
+PASSWORD_CHECKS = 4             # ... so at most this many at once
+MAIL_CLIENTS = 32               # concurrent SMTP/POP3 connections
+_password_slots = threading.BoundedSemaphore(PASSWORD_CHECKS)
 
 
 def hash_password(password: str, salt: bytes | None = None, **params: int) -> dict:
@@ -3161,12 +3185,13 @@ def hash_password(password: str, salt: bytes | None = None, **params: int) -> di
 
 
 def check_password(stored: dict | None, password: str) -> bool:
-    if stored is None:
-        hash_password(password)                 # the same work for unknown users
-        return False
-    params = {k: stored[k] for k in ("n", "r", "p")}
-    again = hash_password(password, base64.b64decode(stored["salt"]), **params)
-    return hmac.compare_digest(again["hash"], stored["hash"])
+    with _password_slots:                       # scrypt is memory-hard: a few at a time
+        if stored is None:
+            hash_password(password)             # the same work for unknown users
+            return False
+        params = {k: stored[k] for k in ("n", "r", "p")}
+        again = hash_password(password, base64.b64decode(stored["salt"]), **params)
+        return hmac.compare_digest(again["hash"], stored["hash"])
 
 
 def message_of(entry: dict, contact: str | None = None) -> bytes:
@@ -3390,7 +3415,8 @@ class Pop3Handler(MailClientHandler):
         self.send(f"+OK {len(messages)} messages")
 
         def pick(arg: str) -> int | None:
-            if arg.isdigit() and 1 <= int(arg) <= len(messages) and int(arg) - 1 not in deleted:
+            if (arg.isascii() and arg.isdigit() and 1 <= int(arg) <= len(messages)
+                    and int(arg) - 1 not in deleted):
                 return int(arg) - 1
             self.send("-ERR no such message")
             return None
@@ -3412,7 +3438,7 @@ class Pop3Handler(MailClientHandler):
                     self.send(".")
             elif verb in ("RETR", "TOP"):
                 number, _, lines = arg.partition(" ")
-                if verb == "TOP" and not lines.strip().isdigit():
+                if verb == "TOP" and not (lines.strip().isascii() and lines.strip().isdigit()):
                     self.send("-ERR TOP needs a message number and a line count")
                     continue
                 if (i := pick(number)) is None:
@@ -3453,7 +3479,16 @@ class MailClientServer(socketserver.ThreadingTCPServer):
         self.shell = shell
         self.locked: set[str] = set()
         self.locked_guard = threading.Lock()
+        self.clients = threading.BoundedSemaphore(MAIL_CLIENTS)
         super().__init__(address, handler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.clients.acquire(blocking=False)      # refused when too many
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        with contextlib.suppress(ValueError):
+            self.clients.release()
 
     def lock_user(self, user: str) -> bool:
         """RFC 1939: one POP3 session per mailbox at a time."""

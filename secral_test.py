@@ -1098,10 +1098,11 @@ def test_relay_quota_refuses_with_an_error_frame():
     assert len([k for k in r.stores.relay.keys() if k.startswith("mail/")]) == 2
     refusals = [f for f in wire.frames("r", "error") if f["code"] == "quota_exceeded"]
     assert [f["ref"] for f in refusals] == [ids[2]]
-    assert r.score(a.domain, wire.now) == 2        # a refusal is not the sender's fault
-    wire.connect("r", "b")                          # space frees up; the retry gets through
-    wire.advance(secral.RETRY_FIRST * 4, step=5)
+    assert r.score(a.domain, wire.now) == 0        # a refusal is not the sender's fault, and
+    wire.connect("r", "b")                          # nothing is earned before a delivery
+    wire.advance(secral.RETRY_FIRST * 4, step=5)    # space frees up; the retry gets through
     assert [wire.status("a", i) for i in ids] == ["delivered"] * 3
+    assert r.score(a.domain, wire.now) == 3        # each ack proved a mail real: +1 each
 
 
 def test_nis_lookup_over_a_chain_of_five():
@@ -1455,6 +1456,68 @@ def test_a_bootstrap_peer_that_dialled_first_is_not_redialled_forever():
     wire.advance(60, step=1)
     redials = [d for n, d in wire.dials if n == "a" and (d.host, d.port) == ("10.0.0.2", 7002)]
     assert len(redials) <= 1 and b.domain in a.open
+
+def test_an_unproven_hello_does_not_hold_up_our_own_mail():
+    """A stranger replays h's public record in a hello and never authenticates:
+    a must still dial h itself (5.5) -- a claim is not a connection."""
+    wire = Wire()
+    a, h = wire.add("a", key(0), port=7001), wire.add("h", key(1), port=7002)
+    a.learn_record(h.record, wire.now)
+    a.connection_made(900, "10.6.6.9", wire.now)
+    a.line_received(900, secral.encode_frame(secral.make_hello(h.record, os.urandom(16))), wire.now)
+    assert a.peers[900].domain == h.domain and not a.peers[900].verified
+    mail_id = wire.submit("a", addr(h))
+    assert [d.domain for n, d in wire.dials if n == "a"] == [h.domain]
+    assert wire.status("a", mail_id) == "delivered"
+
+
+def test_the_rate_limit_judges_arrival_not_processing():
+    wire, a, b = two_nodes(rate=400, burst=400)
+    conn_b = wire.conn_between("b", "a")
+    conn_a = wire.links[("b", conn_b)][1]
+    start = wire.now
+    lines = []
+    for i in range(1200):                       # 3 s of frames at the allowed 400/s ...
+        lines.append((start + i / 400, b.transmit(conn_b, {"type": "ping"})[0].frame))
+    wire.now = start + 5                        # ... all read late, in one go, after a stall
+    for arrived, frame in lines:
+        a.line_received(conn_a, secral.encode_frame(frame), wire.now, arrived=arrived)
+    assert a.score(b.domain, wire.now) == 0 and b.domain in a.open
+
+
+def test_a_full_relay_still_hands_mail_to_a_connected_target():
+    wire = Wire()
+    a, r, b, c = wire.add("a", key(0)), wire.add("r", key(2), relay_max_items=1), wire.add("b", key(1)), \
+        wire.add("c", key(3))
+    wire.connect("a", "r")
+    a.learn_record(c.record, wire.now)
+    wire.submit("a", addr(c), "fills the store")            # c is offline: r keeps it
+    assert r.relay_usage["items"] == 1
+    wire.connect("r", "b")
+    a.learn_record(b.record, wire.now)
+    mail_id = wire.submit("a", addr(b), "passes through")
+    assert wire.status("a", mail_id) == "delivered" and r.relay_usage["items"] == 1
+
+
+def test_junk_mail_earns_its_sender_nothing():
+    wire = Wire()
+    a, r = wire.add("a", key(0)), wire.add("r", key(2))
+    wire.connect("a", "r")
+    conn = wire.conn_between("a", "r")
+    for i in range(5):                          # valid, signed, and for nobody who will answer
+        junk = secral.seal_mail(key(0), Address("Default", key(0).domain), Address("x", key(5).domain),
+                                key(5).public_b64, f"junk {i}", "x", int(wire.now))
+        wire.transmit("a", conn, {"type": "mail", "hops": 8, "mail": junk})
+    assert len(r.items) == 5 and r.score(a.domain, wire.now) == 0
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "0x7f.1", "10.1"])
+def test_records_cannot_point_at_unroutable_or_disguised_addresses(host):
+    record = key(0).sign({**secral.make_record(key(0), "example.org", 7700, 1, NOW + 100), "host": host})
+    with pytest.raises(RemoteError):
+        secral.verify_record(record, NOW)
+    for fine in ("127.0.0.1", "localhost", "::1", "10.0.0.7", "node1.example.org"):
+        assert secral.is_host(fine, "host") == fine
 
 def test_random_frames_never_raise_anything_but_handled_errors():
     """A small fuzzer over decode_frame and every handler (issue 6 adds more)."""
@@ -2459,6 +2522,10 @@ def test_smtp_to_secral_to_pop3_is_byte_correct(mail_pair):
     # UIDL is stable across sessions; DELE takes effect only at QUIT.
     pop = pop3_client(b, "bob", "bob-password")
     assert pop.uidl(1).split()[2] == uid
+    import poplib
+    with pytest.raises(poplib.error_proto, match="no such message"):
+        pop._shortcmd("RETR \u00b2")          # a Unicode digit is not a message number
+    assert pop.stat()[0] == 1                   # and the session goes on
     _, top, _ = pop.top(1, 2)                   # the headers and the first two body lines
     head_end = top.index(b"")
     assert top[head_end + 1:] == [b"Hello Bob,", b".this line starts with a dot"]   # stuffed, unstuffed
