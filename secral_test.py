@@ -116,6 +116,15 @@ class Wire:
     def name_of(self, domain: str) -> str:
         return next(n for n, node in self.nodes.items() if node.domain == domain)
 
+    @classmethod
+    def chain(cls, length: int) -> tuple["Wire", list[Node]]:
+        """Cores n0 - n1 - ... linked in a line (no addresses: nothing else links)."""
+        wire = cls()
+        nodes = [wire.add(f"n{i}", key(i)) for i in range(length)]
+        for x, y in zip(nodes, nodes[1:]):
+            wire.connect(x.name, y.name)
+        return wire, nodes
+
     def connect(self, a: str, b: str, dial: Dial | None = None) -> tuple[int, int]:
         """Open a connection from a to b and run the handshake to completion."""
         ca, cb = self.next_conn, self.next_conn + 1
@@ -948,13 +957,8 @@ def test_unknown_recipient_key_is_looked_up_first():
 
 
 def test_hops_limit_flooding():
-    wire = Wire()
-    names = [f"n{i}" for i in range(12)]
-    for i, name in enumerate(names):
-        wire.add(name, key(i))
-    for x, y in zip(names, names[1:]):
-        wire.connect(x, y)
-    first, last = wire.nodes["n0"], wire.nodes["n11"]
+    wire, nodes = Wire.chain(12)
+    first, last = nodes[0], nodes[-1]
     first.learn_record(last.record, wire.now)
     mail_id = wire.submit("n0", addr(last))
     # 8 relay steps after the first link: n0 -> n1 (8) ... -> n9 (0); n9 passes nothing on.
@@ -1106,13 +1110,8 @@ def test_relay_quota_refuses_with_an_error_frame():
 
 
 def test_nis_lookup_over_a_chain_of_five():
-    wire = Wire()
-    names = [f"n{i}" for i in range(5)]
-    for i, name in enumerate(names):
-        wire.add(name, key(i))
-    for x, y in zip(names, names[1:]):
-        wire.connect(x, y)
-    asker, owner = wire.nodes["n0"], wire.nodes["n4"]
+    wire, nodes = Wire.chain(5)
+    asker, owner = nodes[0], nodes[-1]
     record, actions = asker.lookup(owner.domain, wire.now)
     assert record is None
     wire.run("n0", actions)
