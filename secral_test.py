@@ -1447,9 +1447,10 @@ def test_a_relay_restarted_without_its_seen_set_counts_each_mail_once():
 
 def test_a_bootstrap_peer_that_dialled_first_is_not_redialled_forever():
     wire = Wire()
-    a = wire.add("a", key(0), port=7001)
-    b = wire.add("b", key(1), listen=("10.0.0.2", 7002))      # listens, advertises nothing
-    assert a.domain > b.domain                  # so a duplicate dialled by a loses
+    larger, smaller = sorted((key(0), key(1)), key=lambda k: k.domain, reverse=True)
+    a = wire.add("a", larger, port=7001)        # a's domain is the larger one, so a
+    b = wire.add("b", smaller, listen=("10.0.0.2", 7002))    # duplicate dialled by a loses
+    # (b listens but advertises nothing)
     a.config.bootstrap = (("10.0.0.2", 7002),)  # b's address, without its name
     wire.connect("b", "a", Dial("10.0.0.1", 7001, a.domain))   # b dialled first
     wire.advance(60, step=1)
