@@ -91,7 +91,6 @@ import signal
 import socket
 import socketserver
 import sqlite3
-import stat
 import sys
 import tempfile
 import threading
@@ -3682,9 +3681,9 @@ def run_demo(args: argparse.Namespace) -> int:
                 say(f"      node 1 says: error \"{frame['code']}\": {frame['message']}")
         rogue.close()
         bans = control(1, "peers", banned=True)
-        say(f"      and bans it: " + "; ".join(f"{b['subject']} until {when(b['until'])}" for b in bans))
+        say("      and bans it: " + "; ".join(f"{b['subject']} until {when(b['until'])}" for b in bans))
         honest = control(1, "peers")
-        say(f"      its honest peers are untouched: " +
+        say("      its honest peers are untouched: " +
             ", ".join(f"{name(p['domain'])} (score {p['score']})" for p in honest))
         say(f"\nDone in {time.monotonic() - started:.1f} s.")
         return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
-import gc
 import json
 import os
 import random
@@ -735,7 +734,7 @@ def test_vectors_regenerate_byte_for_byte():
 def test_interop_an_independent_library_opens_and_verifies_a_sealed_mail():
     """The constructions are the standard ones: `cryptography` (OpenSSL) checks
     the signature, unwraps the key and decrypts, knowing only PROTOCOL.md."""
-    crypto = pytest.importorskip("cryptography")
+    pytest.importorskip("cryptography")
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import padding
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -1621,14 +1620,15 @@ def test_seed_network_carries_mail_through_intermediaries(live):
 
     # Intermediaries held the mail (they relayed it) but only as ciphertext.
     for i in (1, 2, 7):
-        with nodes[i].shell.lock:
-            relayed = set(nodes[i].shell.core.seen)
         raw = b"".join(open(os.path.join(nodes[i].data_dir, f), "rb").read()
                        for f in os.listdir(nodes[i].data_dir) if ".db" in f)
         for body in secret.values():
             assert body.encode() not in raw
         assert raw.count(b"from ") == 0
-    carried = [i for i in (1, 2, 7) if any(k.startswith("mail/") for k in nodes[i].shell.core.seen)]
+    def saw_mail(i: int) -> bool:
+        with nodes[i].shell.lock:
+            return any(k.startswith("mail/") for k in nodes[i].shell.core.seen)
+    carried = [i for i in (1, 2, 7) if saw_mail(i)]
     assert carried, "no intermediary saw the mail"
 
 
@@ -2333,8 +2333,8 @@ def test_hostile_two_hundred_idle_connections(target):
         assert len(target.shell.core.peers) <= target.config.max_inbound + 2
     threads = threading.active_count()
     assert target.honest_mail_arrives()
-    late = live_peer = Attacker(target.port, 180)       # a newcomer still gets a hello
-    assert live_peer.wait_for("hello")
+    late = Attacker(target.port, 180)               # a newcomer still gets a hello
+    assert late.wait_for("hello")
     late.close()
     for s in socks:
         s.close()
@@ -2595,7 +2595,6 @@ def test_smtp_errors_for_bad_sequences_and_recipients(mail_pair):
 
 
 def test_concurrent_mail_clients(mail_pair):
-    import smtplib
     a, b = mail_pair
     errors = []
 

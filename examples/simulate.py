@@ -37,7 +37,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import secral  # noqa: E402
-from secral import Close, Config, Dial, Event, Identity, Node, Send, Stores  # noqa: E402
+from secral import Close, Config, Dial, Identity, Node, Send, Stores  # noqa: E402
 
 TICK = 5.0                  # seconds of simulated time between a node's ticks
 

@@ -483,7 +483,7 @@ def frames_vectors(keys) -> dict:
 # -- NIS lookups ------------------------------------------------------------------------------
 
 def nis_vectors(keys) -> dict:
-    alice, bob, carol = keys["alice"], keys["bob"], keys["carol"]
+    bob, carol = keys["bob"], keys["carol"]
 
     def record(identity, seq, label, host="198.51.100.9", port=7700, expires=NOW + 86400, **change):
         rec = secral.make_record(identity, host, port, seq, expires, Script(det(label, 32)))
