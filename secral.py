@@ -75,6 +75,7 @@ import binascii
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import heapq
@@ -549,14 +550,20 @@ class Identity:
         return f"<Identity {self.domain}>"
 
 
-def load_identity(path: str, create: bool = True) -> Identity:
-    """Read DATA_DIR/node.key, creating it (mode 0600) on first use."""
+def load_identity(path: str, create: bool = True,
+                  announce: Callable[[str], None] | None = None) -> Identity:
+    """Read DATA_DIR/node.key, creating it (mode 0600) on first use; `announce`
+    is told before a key is generated (it takes a second or two)."""
     try:
         with open(path, "rb") as f:
             return Identity.from_pem(f.read())
     except FileNotFoundError:
         if not create:
             raise LocalError("not_found", f"no node key at {path}")
+    except IsADirectoryError:
+        raise LocalError("refused", f"{path} is a directory, not a node key")
+    if announce is not None:
+        announce(f"generating the node key (RSA-{RSA_BITS}) in {path} ...")
     identity = Identity.generate()
     save_identity(identity, path)
     return identity
@@ -742,7 +749,12 @@ ACK_STATUSES = ("delivered", "rejected")
 # Reasons a recipient gives in a rejected ack (PROTOCOL.md 7.4).
 REJECT_REASONS = ("no_such_user", "decrypt_failed", "mismatch", "malformed", "too_large")
 
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# Characters a one-line text (a subject, an ack's reason, a display name) may
+# not hold (6.1): the control characters of Unicode category Cc (C0, DEL, C1)
+# and the line and paragraph separators.  Each of them ends or breaks a line
+# somewhere -- an e-mail header, a terminal, a log -- so a sender could use it
+# to forge a header or break a mail client's view of a mailbox.
+LINE_BREAKERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def check_subject(subject: Any, what: str = "subject") -> str:
@@ -753,8 +765,8 @@ def check_subject(subject: Any, what: str = "subject") -> str:
         raise RemoteError("malformed", f"{what}: not valid Unicode text")
     if len(subject) > MAX_SUBJECT:
         raise RemoteError("too_large", f"{what}: {len(subject)} characters; the limit is {MAX_SUBJECT}")
-    if CONTROL_CHARS.search(subject):
-        raise RemoteError("malformed", f"{what}: control characters are not allowed")
+    if LINE_BREAKERS.search(subject):
+        raise RemoteError("malformed", f"{what}: control characters and line separators are not allowed")
     return subject
 
 
@@ -890,8 +902,8 @@ def verify_ack(ack: Any, now: int, what: str = "ack") -> dict:
         raise RemoteError("bad_address", f"{what}: acks go from Core to Core")
     if ack["status"] not in ACK_STATUSES:
         raise RemoteError("malformed", f"{what}.status: expected delivered or rejected")
-    if CONTROL_CHARS.search(ack["reason"]):
-        raise RemoteError("malformed", f"{what}.reason: control characters are not allowed")
+    if LINE_BREAKERS.search(ack["reason"]):
+        raise RemoteError("malformed", f"{what}.reason: control characters and line separators are not allowed")
     key = parse_public_key(ack["from_key"])
     if domain_of_key(ack["from_key"]) != signer.domain:
         raise RemoteError("bad_domain", f"{what}: from_key is not the key of {signer.domain}")
@@ -1141,6 +1153,9 @@ class Reputation:
 # user's request -- and carries out the actions it returns: Send a frame,
 # Close a connection, Dial a host, and Events for logs and waiting users.
 # Stores are MutableMappings: dicts in tests, durable shelves in a node.
+
+# -- The outbox (PROTOCOL.md 7.5) --
+OUTBOX_FINAL = ("delivered", "rejected", "expired", "cancelled")   # where a waiting user stops
 
 # -- Timing and resource bounds (PROTOCOL.md sections 8 and 9) --
 HANDSHAKE_TIMEOUT = 10          # seconds from connect to both auths verified
@@ -1677,6 +1692,8 @@ class Node:
                     outbound=peer.outbound)
         self._send(peer, {"type": "getpeers"})
         self._flush_to(peer, now)
+        for domain in [d for d, ids in self.waiting_key.items() if ids]:
+            self._ask(domain, now)              # a new peer may know the keys mail waits for (5.4)
 
     def _dialler(self, peer: Peer) -> str:
         return self.domain if peer.outbound else peer.domain
@@ -1888,7 +1905,7 @@ class Node:
                              received=int(now), unread=True, **plain)
                 self.stores.inbox[key] = entry
                 self._event("mail_received", key=key, user=user, sender=mail["from"],
-                            subject=plain["subject"])
+                            size=len(mail["ct"]))     # never the subject: logs are not private
                 if peer is not None:            # a real delivery: the bringer earns (9.1)
                     self._reward(peer, "mail_relayed", now)
             else:
@@ -2040,13 +2057,15 @@ class Node:
 
     def _flush_to(self, peer: Peer, now: float) -> None:
         """A peer completed the handshake: everything we hold for it goes now (7.6),
-        and our own queued mail goes to it too."""
+        and so does every own mail still waiting for its ack, even one that
+        other peers already have: the new peer may be the way to its recipient,
+        and a retry would offer it there anyway, only later (7.2)."""
         for key in list(self.items_for.get(peer.domain, ())):
             item = self.items[key]
             if not item.settled:
                 self._offer(item, peer, now)
         for item in list(self.items.values()):
-            if (item.store == "outbox" and not item.offered and item.target not in self.open
+            if (item.store == "outbox" and item.target not in self.open
                     and item.target not in self.dialing):
                 self._offer(item, peer, now)
 
@@ -2123,7 +2142,8 @@ class Node:
         mail_id = self.rng(MAIL_ID).hex()
         entry = {"id": mail_id, "from": str(sender), "to": str(recipient), "subject": subject,
                  "body": body, "created": int(now), "expires": int(now) + ttl,
-                 "status": "queued", "reason": "", "mail": None, "submitted_ms": int(now * 1000)}
+                 "status": "queued", "reason": "", "mail": None, "submitted_ms": int(now * 1000),
+                 "lookups": 0, "last_lookup": None}
         self.stores.outbox[mail_id] = entry
         self._event("mail_status", id=mail_id, status="queued", reason="")
         if self.known_record(recipient.domain, now) is None and recipient.domain != self.domain:
@@ -2164,15 +2184,23 @@ class Node:
         return record, self._take()
 
     def _ask(self, domain: str, now: float) -> None:
-        if any(q.domain == domain and q.origin is None for q in self.queries.values()):
-            return                              # already asking
-        qid = self.rng(QUERY_ID).hex()
-        query = Query(qid, domain, None, now + NIS_TIMEOUT)
-        self.queries[qid] = query
-        self._seen_query(qid)
-        for peer in self.open_peers(now):
-            self._send(peer, {"type": "nis_query", "qid": qid, "domain": domain, "hops": NIS_HOPS})
-            query.asked.add(peer.conn)
+        """Ask every open peer for `domain`'s record (5.4).  A question already
+        pending goes to the peers not asked yet; with no peer to ask, the
+        lookup fails at once rather than after a timeout nobody can change."""
+        query = next((q for q in self.queries.values() if q.domain == domain and q.origin is None), None)
+        peers = self.open_peers(now)
+        if query is None and not peers:
+            self._lookup_failed(domain, now)
+            self._event("nis_result", domain=domain, record=None)
+            return
+        if query is None:
+            query = Query(self.rng(QUERY_ID).hex(), domain, None, now + NIS_TIMEOUT)
+            self.queries[query.qid] = query
+            self._seen_query(query.qid)
+        for peer in peers:
+            if peer.conn not in query.asked:
+                self._send(peer, {"type": "nis_query", "qid": query.qid, "domain": domain, "hops": NIS_HOPS})
+                query.asked.add(peer.conn)
 
     # -- NIS (PROTOCOL.md 5.4) ---------------------------------------------------
 
@@ -2275,6 +2303,7 @@ class Node:
             if query.deadline <= now:
                 del self.queries[qid]
                 if query.origin is None and not query.answered:
+                    self._lookup_failed(query.domain, now)
                     self._event("nis_result", domain=query.domain, record=None)
         for item in list(self.items.values()):
             if item.next_try <= now and item.key in self.items:
@@ -2301,13 +2330,17 @@ class Node:
             self._forget(item)
             if item.store == "outbox":
                 self._set_status(item.ref, "expired", "not acknowledged before it expired")
-        for mail_id in [m for ids in self.waiting_key.values() for m in ids]:
-            entry = self.stores.outbox.get(mail_id)
-            if entry is not None and entry["expires"] <= now:
-                self.waiting_key[parse_address(entry["to"]).domain].discard(mail_id)
-                self._set_status(mail_id, "expired", "no NIS record for the recipient was found")
-            elif entry is not None:
-                self._ask(parse_address(entry["to"]).domain, now)
+        for domain, ids in list(self.waiting_key.items()):
+            for mail_id in list(ids):
+                entry = self.stores.outbox.get(mail_id)
+                if entry is None or entry["expires"] <= now:
+                    ids.discard(mail_id)
+                    if entry is not None:
+                        self._set_status(mail_id, "expired", "no NIS record for the recipient was found")
+            if ids:
+                self._ask(domain, now)          # once per domain, however many mails wait
+            else:
+                del self.waiting_key[domain]
         for key in [k for k, expires in self.seen.items() if expires <= now]:
             del self.seen[key]
             self.seen_changed.add(key)
@@ -2316,6 +2349,31 @@ class Node:
         for domain, known in self.stores.peers.items():   # addresses that stopped working
             if known.get("fails", 0) >= KNOWN_PEER_FAILURES and known.get("seen", 0) < now - MAX_TTL:
                 del self.stores.peers[domain]
+
+    def _lookup_failed(self, domain: str, now: float) -> None:
+        """Our question for `domain` found nothing: note it on every mail that
+        waits for that key, so the user sees why it waits (7.5)."""
+        for mail_id in self.waiting_key.get(domain, ()):
+            entry = self.stores.outbox.get(mail_id)
+            if entry is not None:
+                entry.update(lookups=entry.get("lookups", 0) + 1, last_lookup=int(now))
+                self.stores.outbox[mail_id] = entry
+
+    def cancel(self, mail_id: str, now: float) -> tuple[dict, list[Action]]:
+        """The user withdraws an own mail that is not yet delivered (7.5): no
+        more retries.  Copies already handed to peers may still arrive; an ack
+        that comes later is still recorded, because it is the truth."""
+        entry = self.stores.outbox.get(mail_id)
+        if entry is None:
+            raise LocalError("not_found", f"no outbox entry {mail_id}")
+        if entry["status"] not in ("queued", "sent"):
+            raise LocalError("refused", f"mail {mail_id} is {entry['status']}: there is nothing to withdraw")
+        item = self.items.get(mail_key(self.domain, mail_id))
+        if item is not None:
+            self._forget(item)
+        self.waiting_key.get(parse_address(entry["to"]).domain, set()).discard(mail_id)
+        self._set_status(mail_id, "cancelled", "withdrawn by the sender")
+        return self.stores.outbox[mail_id], self._take()
 
     def _set_status(self, mail_id: str, status: str, reason: str) -> None:
         entry = self.stores.outbox[mail_id]
@@ -2683,6 +2741,31 @@ class PeerServer(socketserver.ThreadingTCPServer):
         return not self.shell.ip_banned(client_address[0])
 
 
+class DataDirLock:
+    """An exclusive lock on DATA_DIR/lock for a node's lifetime (Appendix B):
+    two nodes on one key and one set of stores would answer for each other
+    and corrupt each other's state.  The file holds the owner's PID, so that
+    the second one can say who holds it."""
+
+    def __init__(self, data_dir: str):
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self.path = os.path.join(data_dir, "lock")
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(self.fd, 32).decode("ascii", "replace").strip() or "?"
+            self.release()
+            raise LocalError("refused", f"a node (PID {holder}) is already running for {data_dir}")
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)                   # closing the file drops the lock
+            self.fd = None
+
+
 class Clock:
     """Wall-clock time, optionally shifted by the number in a file: tests move
     a node's clock a day ahead without sleeping (node --clock-file)."""
@@ -2707,10 +2790,21 @@ class NodeShell:
 
     def __init__(self, data_dir: str, config: Config, listen: tuple[str, int] | None,
                  clock: Clock | None = None, identity: Identity | None = None,
-                 smtp: tuple[str, int] | None = None, pop3: tuple[str, int] | None = None):
+                 smtp: tuple[str, int] | None = None, pop3: tuple[str, int] | None = None,
+                 announce: Callable[[str], None] | None = None):
         self.data_dir = data_dir
         self.clock = clock or Clock()
-        self.identity = identity or load_identity(os.path.join(data_dir, "node.key"))
+        self.servers: list[socketserver.BaseServer] = []
+        self.lock_file = DataDirLock(data_dir)          # one node per data directory
+        try:
+            self.identity = identity or load_identity(os.path.join(data_dir, "node.key"), announce=announce)
+            self.server = self._listen(PeerServer, listen, "--host/--port") if listen else None
+            self.mail_servers = {name: self._listen(MailClientServer, address, f"--{name}-port", handler)
+                                 for name, address, handler in (("smtp", smtp, SmtpHandler),
+                                                                ("pop3", pop3, Pop3Handler)) if address}
+        except BaseException:
+            self._release()
+            raise
         self.stores = Stores.open(data_dir)
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
@@ -2718,14 +2812,26 @@ class NodeShell:
         self.conns: dict[int, Connection] = {}
         self.stopping = threading.Event()
         self.closed = False
-        self.server = PeerServer(listen, self) if listen else None
         if self.server and config.host is not None and not config.port:
             config.port = self.server.server_address[1]
         self.core = Node(self.identity, self.stores, config, self.clock(), os.urandom)
         self.control: "ControlServer | None" = None
         self.threads: list[threading.Thread] = []
-        self.mail_servers = {name: MailClientServer(address, handler, self) for name, address, handler
-                             in (("smtp", smtp, SmtpHandler), ("pop3", pop3, Pop3Handler)) if address}
+
+    def _listen(self, factory: type, address: tuple[str, int], option: str, *args: Any) -> Any:
+        """Bind one listening socket; a failure is the operator's to fix, in one line."""
+        try:
+            server = factory(address, *args, self)
+        except (OSError, OverflowError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise LocalError("refused", f"cannot listen on {address[0]}:{address[1]} ({option}): {reason}")
+        self.servers.append(server)
+        return server
+
+    def _release(self) -> None:
+        for server in self.servers:
+            server.server_close()
+        self.lock_file.release()
 
     @property
     def port(self) -> int | None:
@@ -2769,7 +2875,8 @@ class NodeShell:
         elif event.name == "peer_closed":
             log.info("peer %s disconnected (%s)", d["domain"], d["reason"])
         elif event.name == "mail_received":
-            log.info("mail for %s from %s: %r", d["user"], d["sender"], d["subject"])
+            log.info("mail %s for %s from %s (%d bytes sealed)", d["key"].rsplit("/", 1)[-1][:12],
+                     d["user"], d["sender"], d["size"])
         elif event.name == "mail_status":
             log.info("outbox %s: %s%s", d["id"][:12], d["status"], f" ({d['reason']})" if d["reason"] else "")
         elif event.name == "banned":
@@ -2862,6 +2969,7 @@ class NodeShell:
         with self.lock:
             self.closed = True
             self.stores.close()
+        self.lock_file.release()
 
 
 # =============================================================================
@@ -2901,8 +3009,8 @@ class ControlHandler(socketserver.StreamRequestHandler):
             if not hmac.compare_digest(request["token"], self.server.token):
                 raise LocalError("unauthorized", "wrong control token")
             command = request.get("cmd")
-            method = getattr(self.server.control, f"cmd_{command}", None)
-            if not isinstance(command, str) or method is None:
+            method = self.server.control.commands.get(command) if isinstance(command, str) else None
+            if method is None:
                 raise LocalError("refused", f"unknown command {command!r}")
             args = request.get("args") or {}
             if not isinstance(args, dict):
@@ -2940,22 +3048,85 @@ class ControlServer(socketserver.ThreadingTCPServer):
             os.unlink(os.path.join(self.shell.data_dir, CONTROL_FILE))
 
 
-def _summary(key: str, entry: dict, contacts: dict) -> dict:
-    """An inbox entry as the CLI lists it."""
-    return {"id": entry["id"], "key": key, "from": entry["from"], "to": entry["to"],
-            "user": entry["user"], "subject": entry["subject"], "created": entry["created"],
-            "received": entry["received"], "unread": entry.get("unread", False),
-            "contact": contacts.get(Address(*entry["from"].split("@")).key)}
+def inbox_view(key: str, entry: dict, users: MutableMapping, contacts: dict) -> dict:
+    """An inbox entry as the CLI and the control port show it (every field, always)."""
+    user = users.get(entry["user"])
+    return {"id": entry["id"], "key": key, "folder": "inbox", "from": entry["from"], "to": entry["to"],
+            "user": user["name"] if user else entry["user"], "subject": entry["subject"],
+            "created": entry["created"], "received": entry["received"],
+            "unread": entry.get("unread", False), "contact": contacts.get(Address(*entry["from"].split("@")).key)}
+
+
+def outbox_note(entry: dict) -> str:
+    """Why an own mail is where it is, in words (7.5): what a user asks first."""
+    status = entry["status"]
+    if status == "queued" and entry.get("mail") is None:
+        if not entry.get("lookups"):
+            return "waiting for the recipient's key: asking the network (NIS)"
+        return (f"waiting for the recipient's key: NIS not found \u00d7{entry['lookups']}, "
+                f"last {when(entry['last_lookup'])}; asking again every minute")
+    if status == "queued":
+        return "sealed; waiting for a peer to hand it to"
+    if status == "sent":
+        return "handed on; waiting for the recipient's ack"
+    if status == "cancelled":
+        return "withdrawn: no more retries (copies already handed on may still arrive)"
+    return entry.get("reason", "")
+
+
+def outbox_view(entry: dict, contacts: dict | None = None) -> dict:
+    """An outbox entry as the CLI and the control port show it: the same fields
+    always (null when not yet known), never the sealed mail or the body."""
+    return {"id": entry["id"], "folder": "sent", "from": entry["from"], "to": entry["to"],
+            "contact": (contacts or {}).get(Address(*entry["to"].split("@")).key),
+            "subject": entry["subject"], "created": entry["created"], "expires": entry["expires"],
+            "status": entry["status"], "reason": entry["reason"], "note": outbox_note(entry),
+            "lookups": entry.get("lookups", 0), "last_lookup": entry.get("last_lookup"),
+            "sent": entry.get("sent"), "acked": entry.get("acked"),
+            "submitted_ms": entry.get("submitted_ms"), "done_ms": entry.get("done_ms")}
+
+
+def find_by_prefix(entries: list[tuple[str, dict]], prefix: str, what: str) -> tuple[str, dict]:
+    """The one entry whose mail id starts with `prefix` (at least 4 hex digits)."""
+    prefix = prefix.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{4,32}", prefix):
+        raise LocalError("refused", "give at least 4 hexadecimal digits of the mail id")
+    matches = [(k, e) for k, e in entries if e["id"].startswith(prefix)]
+    if not matches:
+        raise LocalError("not_found", f"no {what} with id {prefix}")
+    if len(matches) > 1:
+        ids = ", ".join(sorted(e["id"][:12] for _, e in matches)[:10])
+        raise LocalError("refused", f"{prefix} is ambiguous: {len(matches)} mails match ({ids}); "
+                         "give more digits")
+    return matches[0]
+
+
+def local_error(exc: RemoteError) -> LocalError:
+    """A rule of the protocol broken by the local user's own input is the
+    user's error, not a peer's (the same code, a local class)."""
+    return LocalError(exc.code, exc.message)
 
 
 class Control:
-    """The commands a running node serves to its owner (README: CLI reference).
-    Each cmd_<name> takes keyword arguments and returns JSON-able data."""
+    """The commands a running node serves to its owner (README: command line).
+    Each cmd_<name> takes keyword arguments and returns JSON-able data; the
+    table COMMANDS names them, so a request picks one by table, not by
+    building a method name from its input."""
 
     def __init__(self, shell: NodeShell):
         self.shell = shell
         self.core = shell.core
         self.stores = shell.stores
+        self.commands: dict[str, Callable[..., Any]] = {
+            "whoami": self.cmd_whoami, "status": self.cmd_status, "peers": self.cmd_peers,
+            "nis_lookup": self.cmd_nis_lookup, "send": self.cmd_send, "wait": self.cmd_wait,
+            "outbox": self.cmd_outbox, "outbox_cancel": self.cmd_outbox_cancel,
+            "inbox": self.cmd_inbox, "inbox_delete": self.cmd_inbox_delete, "read": self.cmd_read,
+            "users_list": self.cmd_users_list, "users_add": self.cmd_users_add,
+            "users_remove": self.cmd_users_remove, "passwd": self.cmd_passwd,
+            "contacts_list": self.cmd_contacts_list, "contacts_add": self.cmd_contacts_add,
+            "contacts_remove": self.cmd_contacts_remove,
+        }
 
     def _now(self) -> float:
         return self.shell.clock()
@@ -2969,7 +3140,7 @@ class Control:
             try:
                 return str(parse_address(to.strip(), "to"))
             except RemoteError as exc:
-                raise LocalError(exc.code, exc.message)
+                raise local_error(exc)
         contact = self.stores.contacts.get(to.lower())
         if contact is None:
             raise LocalError("not_found", f"{to!r} is neither an address nor a contact")
@@ -3019,7 +3190,7 @@ class Control:
         try:
             record = self.shell.call("lookup", domain)
         except RemoteError as exc:
-            raise LocalError(exc.code, exc.message)
+            raise local_error(exc)
         if record is None:
             record = self.shell.wait_for(lambda: self.core.known_record(domain, self._now()),
                                          min(float(timeout), CONTROL_MAX_WAIT))
@@ -3031,55 +3202,79 @@ class Control:
 
     def cmd_send(self, to: str, subject: str, body: str, user: str = DEFAULT_USER,
                  ttl: int = MAX_TTL) -> dict:
+        """Queue a mail.  If the recipient's key must be looked up first, wait
+        for that first answer, so that the user hears at once when nobody
+        knows the recipient's node (the node keeps asking)."""
         with self.shell.lock:
             address = self._resolve(to)
             try:
                 mail_id = self.shell.call("submit", user, address, subject, body, ttl=int(ttl))
             except RemoteError as exc:
-                raise LocalError(exc.code, exc.message)
-            return self.stores.outbox[mail_id] | {"mail": None}
+                raise local_error(exc)
+
+        def looked_up() -> bool:
+            entry = self.stores.outbox[mail_id]
+            return entry["mail"] is not None or entry.get("lookups", 0) > 0 or entry["status"] != "queued"
+        self.shell.wait_for(looked_up, NIS_TIMEOUT + 2)
+        with self.shell.lock:
+            return outbox_view(self.stores.outbox[mail_id])
 
     def cmd_wait(self, id: str, timeout: float = 10) -> dict:
-        """Wait until an outbox entry reaches delivered/rejected/expired."""
+        """Wait until an outbox entry reaches delivered/rejected/expired/cancelled."""
         def final():
             entry = self.stores.outbox.get(id)
-            return entry if entry and entry["status"] in ("delivered", "rejected", "expired") else None
+            return entry if entry and entry["status"] in OUTBOX_FINAL else None
         self.shell.wait_for(final, min(float(timeout), CONTROL_MAX_WAIT))
         with self.shell.lock:
             entry = self.stores.outbox.get(id)
         if entry is None:
             raise LocalError("not_found", f"no outbox entry {id}")
-        return entry | {"mail": None}
+        return outbox_view(entry)
 
     def cmd_outbox(self) -> list[dict]:
         with self.shell.lock:
-            entries = [e | {"mail": None, "body": None} for e in self.stores.outbox.values()]
+            contacts = self._contacts_by_address()
+            entries = [outbox_view(e, contacts) for e in self.stores.outbox.values()]
         return sorted(entries, key=lambda e: (e["created"], e["id"]))
+
+    def cmd_outbox_cancel(self, id: str) -> dict:
+        with self.shell.lock:
+            mail_id, _ = find_by_prefix(list(self.stores.outbox.items()), id, "sent mail")
+            return outbox_view(self.shell.call("cancel", mail_id))
 
     def cmd_inbox(self, user: str | None = None) -> list[dict]:
         with self.shell.lock:
             if user is not None and user.lower() not in self.stores.users:
                 raise LocalError("not_found", f"no local user {user!r}")
             contacts = self._contacts_by_address()
-            entries = [_summary(k, e, contacts) for k, e in self.stores.inbox.items()
+            entries = [inbox_view(k, e, self.stores.users, contacts) for k, e in self.stores.inbox.items()
                        if user is None or e["user"] == user.lower()]
         return sorted(entries, key=lambda e: (e["received"], e["id"]))
 
-    def cmd_read(self, id: str) -> dict:
-        prefix = id.strip().lower()
-        if len(prefix) < 4:
-            raise LocalError("not_found", "give at least 4 characters of the mail id")
+    def cmd_inbox_delete(self, id: str) -> dict:
+        """Delete one received mail.  Its ack stays in the relay store, so a
+        late copy of the mail is answered, never stored again (7.4)."""
         with self.shell.lock:
-            matches = [(k, e) for k, e in self.stores.inbox.items() if e["id"].startswith(prefix)]
-            if not matches:
-                raise LocalError("not_found", f"no mail with id {id}")
-            if len(matches) > 1:
-                raise LocalError("not_found", f"{id} is ambiguous: {len(matches)} mails match")
-            key, entry = matches[0]
+            key, entry = find_by_prefix(list(self.stores.inbox.items()), id, "received mail")
+            view = inbox_view(key, entry, self.stores.users, self._contacts_by_address())
+            del self.stores.inbox[key]
+        return view
+
+    def cmd_read(self, id: str) -> dict:
+        """One mail, received or sent, with its body; reading marks it read."""
+        with self.shell.lock:
+            try:                                # (mail to oneself is in both: the inbox wins)
+                key, entry = find_by_prefix(list(self.stores.inbox.items()), id, "mail")
+            except LocalError as exc:
+                if exc.code != "not_found":
+                    raise
+                _, entry = find_by_prefix(list(self.stores.outbox.items()), id, "mail")
+                return outbox_view(entry, self._contacts_by_address()) | {"body": entry["body"]}
             if entry.get("unread"):
                 entry["unread"] = False
                 self.stores.inbox[key] = entry
-            return _summary(key, entry, self._contacts_by_address()) | {"body": entry["body"]}
+            view = inbox_view(key, entry, self.stores.users, self._contacts_by_address())
+            return view | {"body": entry["body"]}
 
     # users and contacts (local only: never on the wire) --------------------
 
@@ -3094,7 +3289,7 @@ class Control:
         try:
             check_user(name, "user")
         except RemoteError as exc:
-            raise LocalError(exc.code, exc.message)
+            raise local_error(exc)
         if name.lower() == CORE_USER.lower():
             raise LocalError("refused", f"{CORE_USER} is the system user")
         with self.shell.lock:
@@ -3110,15 +3305,16 @@ class Control:
         with self.shell.lock:
             if key not in self.stores.users:
                 raise LocalError("not_found", f"no local user {name!r}")
+            known = self.stores.users[key]["name"]
             mails = [k for k, e in self.stores.inbox.items() if e["user"] == key]
             if mails and not force:
-                raise LocalError("refused", f"{name} has {len(mails)} mails in the inbox; "
+                raise LocalError("refused", f"{known} has {len(mails)} mails in the inbox; "
                                  "use --force to remove the user and the mail")
             for k in mails:
                 del self.stores.inbox[k]
             del self.stores.users[key]
             self.stores.passwords.pop(key, None)
-        return {"name": name, "removed_mails": len(mails)}
+        return {"name": known, "removed_mails": len(mails)}
 
     def cmd_passwd(self, user: str, password: str) -> dict:
         """Set the password a mail client uses for `user` (SMTP and POP3)."""
@@ -3142,10 +3338,10 @@ class Control:
         try:
             address = str(parse_address(address.strip(), "address"))
         except RemoteError as exc:
-            raise LocalError(exc.code, exc.message)
+            raise local_error(exc)
         with self.shell.lock:
             if name.lower() in self.stores.contacts:
-                raise LocalError("exists", f"contact {name} exists")
+                raise LocalError("exists", f"contact {self.stores.contacts[name.lower()]['name']} exists")
             self.stores.contacts[name.lower()] = {"name": name, "address": address}
         return {"name": name, "address": address}
 
@@ -3195,145 +3391,216 @@ def check_password(stored: dict | None, password: str) -> bool:
 
 def message_of(entry: dict, contact: str | None = None) -> bytes:
     """An inbox entry as an RFC 5322 message (CRLF line ends), the same bytes
-    every time: POP3 sizes and UIDLs must not change between sessions."""
+    every time: POP3 sizes and UIDLs must not change between sessions.  It
+    cannot fail on a stored mail, whatever it holds (a mail stored under older
+    rules, say): a text that breaks a header is mended, never refused here,
+    since a mailbox that cannot be listed locks its owner out."""
     import email.message
     import email.policy
     import email.utils
-    message = email.message.EmailMessage(policy=email.policy.SMTP)
-    sender = parse_address(entry["from"])
-    message["From"] = email.utils.formataddr((contact or "", str(sender)))
-    message["To"] = entry["to"]
-    message["Subject"] = entry["subject"]
-    message["Date"] = email.utils.formatdate(entry["created"], usegmt=True)
-    message["Message-ID"] = f"<{entry['id']}@{sender.domain}>"
-    message.set_content(entry["body"])
-    return message.as_bytes()
+    def text(value: Any) -> str:
+        value = str(value).encode("utf-8", "replace").decode("utf-8")   # no lone surrogates
+        return " ".join(LINE_BREAKERS.sub(" ", value).split())
+    sender = entry["from"] if isinstance(entry.get("from"), str) else "unknown@unknown"
+    try:
+        message = email.message.EmailMessage(policy=email.policy.SMTP)
+        message["From"] = email.utils.formataddr((text(contact or ""), sender))
+        message["To"] = text(entry["to"])
+        message["Subject"] = text(entry["subject"])
+        message["Date"] = email.utils.formatdate(entry["created"], usegmt=True)
+        message["Message-ID"] = f"<{entry['id']}@{sender.rpartition('@')[2]}>"
+        message.set_content(str(entry["body"]).encode("utf-8", "replace").decode("utf-8"))
+        return message.as_bytes()
+    except Exception:                           # (a bug here must not lock anyone out)
+        log.exception("cannot render mail %s; serving it as plain text", str(entry.get("id"))[:12])
+        body = str(entry.get("body", "")).encode("utf-8", "replace")
+        return (b"Subject: (this mail could not be shown as it was stored)\r\n"
+                b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + body.replace(b"\n", b"\r\n"))
 
 
 def parse_submission(data: bytes) -> tuple[str, str]:
-    """Subject and text body of a message a mail client submitted."""
+    """Subject and text body of a message a mail client submitted.  A Secral
+    mail carries a subject and one text/plain body, nothing else: a message
+    with any other part is refused, never delivered without it."""
     import email.parser
     import email.policy
     message = email.parser.BytesParser(policy=email.policy.default).parsebytes(data)
-    subject = " ".join(str(message.get("Subject", "")).split())       # unfolded, one line
+    subject = re.sub(r"\r?\n[ \t]*", " ", str(message.get("Subject", ""))).strip()   # unfolded (RFC 5322 2.2.3)
     part = message.get_body(preferencelist=("plain",))
     if part is None:
-        raise LocalError("refused", "the message has no text/plain part")
+        raise LocalError("refused", "the message has no text/plain part; Secral carries a subject "
+                         "and a plain-text body (send plain text)")
+    others = [p.get_content_type() for p in message.walk()
+              if not p.is_multipart() and p is not part]
+    if others:
+        raise LocalError("refused", f"the message has parts Secral cannot carry yet ({', '.join(others[:4])}): "
+                         "it carries a subject and one plain-text body; send plain text without attachments")
     body = part.get_content()
     return subject, body.replace("\r\n", "\n")
 
 
 class MailClientHandler(socketserver.StreamRequestHandler):
-    """Shared line handling for the SMTP and POP3 sessions."""
+    """Shared line handling for the SMTP and POP3 sessions: a session is a
+    verb table (VERBS: verb -> method), like the stdlib's `cmd`, and each
+    method answers one command.  A method returning False ends the session."""
 
     timeout = MAIL_TIMEOUT
+    VERBS: dict[str, str] = {}
+    UNKNOWN = ""                                # the reply to a verb not in VERBS
 
     def send(self, line: str) -> None:
         self.wfile.write(line.encode("utf-8") + b"\r\n")
 
-    def read_command(self) -> tuple[str, str] | None:
+    def read_line(self) -> str | None:
         line = self.rfile.readline(MAIL_LINE + 1)
         if not line or not line.endswith(b"\n"):
-            return None
-        text = line.decode("utf-8", "replace").rstrip("\r\n")
-        verb, _, rest = text.partition(" ")
-        return verb.upper(), rest.strip()
+            return None                         # hung up, or a line past the limit
+        return line.decode("utf-8", "replace").rstrip("\r\n")
 
     def handle(self) -> None:
         try:
-            self.session()
+            self.greet()
+            while (line := self.read_line()) is not None:
+                verb, _, arg = line.partition(" ")
+                name = self.VERBS.get(verb.upper())
+                refusal = self.UNKNOWN if name is None else self.refusal(verb.upper())
+                if refusal is not None:
+                    self.send(refusal)
+                elif getattr(self, name)(arg.strip()) is False:
+                    return
         except (OSError, ValueError):
             pass                               # the client went away
+        finally:
+            self.end()
+
+    def greet(self) -> None:
+        raise NotImplementedError
+
+    def refusal(self, verb: str) -> str | None:
+        """The reply to a known verb this session may not use now, or None."""
+        return None
+
+    def end(self) -> None:
+        """Called once when the session ends, however it ends."""
+
+    def login(self, name: str, password: str) -> str | None:
+        """The local user (key) for these credentials.  A mail client may give
+        the user name or the whole address (user@own-domain)."""
+        shell: NodeShell = self.server.shell
+        user, at, domain = name.partition("@")
+        if at and domain.lower() != shell.identity.domain:
+            user = ""
+        with shell.lock:
+            stored = shell.stores.passwords.get(user.lower()) if USER_RE.fullmatch(user) else None
+            known = shell.stores.users.get(user.lower()) if stored else None
+        return user.lower() if check_password(stored, password) and known else None
 
 
 class SmtpHandler(MailClientHandler):
-    """SMTP submission (RFC 5321 subset + AUTH PLAIN): one Secral mail per DATA."""
+    """SMTP submission (RFC 5321 subset, RFC 4954 AUTH PLAIN and LOGIN): one
+    Secral mail per DATA."""
 
-    def session(self) -> None:
-        shell: NodeShell = self.server.shell
-        domain = shell.identity.domain
-        self.send(f"220 {domain} Secral ESMTP ready")
-        user, sender, recipient = None, None, None
-        while (command := self.read_command()) is not None:
-            verb, arg = command
-            if verb in ("EHLO", "HELO"):
-                sender, recipient = None, None
-                if verb == "HELO":
-                    self.send(f"250 {domain}")
-                else:
-                    self.send(f"250-{domain} greets {arg[:64] or 'you'}")
-                    for ext in ("AUTH PLAIN", f"SIZE {MAIL_MESSAGE}", "8BITMIME", "SMTPUTF8"):
-                        self.send(f"250-{ext}")
-                    self.send("250 ENHANCEDSTATUSCODES")
-            elif verb == "AUTH":
-                mechanism, _, initial = arg.partition(" ")
-                if mechanism.upper() != "PLAIN":
-                    self.send("504 5.5.4 Only AUTH PLAIN is supported")
-                    continue
-                if not initial:
-                    self.send("334 ")
-                    initial = (self.rfile.readline(MAIL_LINE).decode("ascii", "replace")).strip()
-                user = self._authenticate(initial)
-                self.send("235 2.7.0 Authentication successful" if user else
-                          "535 5.7.8 Authentication credentials invalid")
-            elif verb == "MAIL":
-                if not user:
-                    self.send("530 5.7.0 Authentication required")
-                    continue
-                address = self._path(arg, "FROM")
-                if address is None or address.lower() != f"{user}@{domain}".lower():
-                    self.send(f"553 5.7.1 You may send only as {user}@{domain}")
-                    continue
-                sender, recipient = address, None
-                self.send("250 2.1.0 Sender OK")
-            elif verb == "RCPT":
-                if sender is None:
-                    self.send("503 5.5.1 MAIL first")
-                    continue
-                address = self._path(arg, "TO")
-                if recipient is not None:
-                    self.send("452 4.5.3 A Secral mail has exactly one recipient")
-                elif address is None:
-                    self.send("501 5.1.3 Bad recipient address syntax")
-                else:
-                    user_part, _, host = address.rpartition("@")
-                    try:
-                        recipient = str(parse_address(f"{user_part}@{host.lower()}"))
-                        self.send("250 2.1.5 Recipient OK")
-                    except RemoteError:
-                        self.send(f"550 5.1.2 {address[:80]} is not a Secral address (user@node-...)")
-            elif verb == "DATA":
-                if recipient is None:
-                    self.send("503 5.5.1 RCPT first")
-                    continue
-                self.send("354 End data with <CR><LF>.<CR><LF>")
-                data = self._read_data()
-                if data is None:
-                    self.send(f"552 5.3.4 Message larger than {MAIL_MESSAGE} bytes")
-                else:
-                    self.send(self._submit(user, recipient, data))
-                sender, recipient = None, None
-            elif verb == "RSET":
-                sender, recipient = None, None
-                self.send("250 2.0.0 Reset")
-            elif verb == "NOOP":
-                self.send("250 2.0.0 OK")
-            elif verb == "QUIT":
-                self.send("221 2.0.0 Bye")
-                return
-            else:
-                self.send("500 5.5.2 Command not recognised")
+    VERBS = {"EHLO": "smtp_EHLO", "HELO": "smtp_HELO", "AUTH": "smtp_AUTH", "MAIL": "smtp_MAIL",
+             "RCPT": "smtp_RCPT", "DATA": "smtp_DATA", "RSET": "smtp_RSET", "NOOP": "smtp_NOOP",
+             "QUIT": "smtp_QUIT"}
+    UNKNOWN = "500 5.5.2 Command not recognised"
 
-    def _authenticate(self, initial: str) -> str | None:
-        try:
-            _, name, password = base64.b64decode(initial, validate=True).decode("utf-8").split("\0")
-        except (ValueError, binascii.Error):
-            return None
-        shell: NodeShell = self.server.shell
-        with shell.lock:
-            stored = shell.stores.passwords.get(name.lower()) if USER_RE.fullmatch(name) else None
-            known = shell.stores.users.get(name.lower())
-        return known["name"] if check_password(stored, password) and known else None
+    def greet(self) -> None:
+        self.domain = self.server.shell.identity.domain
+        self.user: str | None = None
+        self.sender = self.recipient = None
+        self.send(f"220 {self.domain} Secral ESMTP ready")
+
+    def smtp_HELO(self, arg: str) -> None:
+        self.sender = self.recipient = None
+        self.send(f"250 {self.domain}")
+
+    def smtp_EHLO(self, arg: str) -> None:
+        self.sender = self.recipient = None
+        self.send(f"250-{self.domain} greets {arg[:64] or 'you'}")
+        for ext in ("AUTH PLAIN LOGIN", f"SIZE {MAIL_MESSAGE}", "8BITMIME", "SMTPUTF8"):
+            self.send(f"250-{ext}")
+        self.send("250 ENHANCEDSTATUSCODES")
+
+    def smtp_AUTH(self, arg: str) -> None:
+        mechanism, _, initial = arg.partition(" ")
+        credentials = None
+        if mechanism.upper() == "PLAIN":
+            if not initial:
+                self.send("334 ")
+                initial = self.read_line() or ""
+            with contextlib.suppress(ValueError, binascii.Error):
+                _, name, password = base64.b64decode(initial.strip(), validate=True).decode("utf-8").split("\0")
+                credentials = name, password
+        elif mechanism.upper() == "LOGIN":       # (draft-murchison-sasl-login: what clients send)
+            with contextlib.suppress(ValueError, binascii.Error):
+                if not initial:                 # (an initial response is the user name)
+                    self.send("334 VXNlcm5hbWU6")    # "Username:"
+                    initial = self.read_line() or ""
+                name = base64.b64decode(initial.strip(), validate=True).decode("utf-8")
+                self.send("334 UGFzc3dvcmQ6")    # "Password:"
+                password = base64.b64decode((self.read_line() or "").strip(), validate=True).decode("utf-8")
+                credentials = name, password
+        else:
+            self.send("504 5.5.4 Only AUTH PLAIN and AUTH LOGIN are supported")
+            return
+        user = self.login(*credentials) if credentials else None
+        if user is not None:
+            with self.server.shell.lock:
+                self.user = self.server.shell.stores.users[user]["name"]
+        self.send("235 2.7.0 Authentication successful" if user else
+                  "535 5.7.8 Authentication credentials invalid")
+
+    def smtp_MAIL(self, arg: str) -> None:
+        if not self.user:
+            self.send("530 5.7.0 Authentication required")
+            return
+        address = self._path(arg, "FROM")
+        if address is None or address.lower() != f"{self.user}@{self.domain}".lower():
+            self.send(f"553 5.7.1 You may send only as {self.user}@{self.domain}")
+            return
+        self.sender, self.recipient = address, None
+        self.send("250 2.1.0 Sender OK")
+
+    def smtp_RCPT(self, arg: str) -> None:
+        if self.sender is None:
+            self.send("503 5.5.1 MAIL first")
+            return
+        address = self._path(arg, "TO")
+        if self.recipient is not None:
+            self.send("452 4.5.3 A Secral mail has exactly one recipient")
+        elif address is None:
+            self.send("501 5.1.3 Bad recipient address syntax")
+        else:
+            user_part, _, host = address.rpartition("@")
+            try:
+                self.recipient = str(parse_address(f"{user_part}@{host.lower()}"))
+                self.send("250 2.1.5 Recipient OK")
+            except RemoteError:
+                self.send(f"550 5.1.2 {address[:80]} is not a Secral address (user@node-...)")
+
+    def smtp_DATA(self, arg: str) -> None:
+        if self.recipient is None:
+            self.send("503 5.5.1 RCPT first")
+            return
+        self.send("354 End data with <CR><LF>.<CR><LF>")
+        data = self._read_data()
+        if data is None:
+            self.send(f"552 5.3.4 Message larger than {MAIL_MESSAGE} bytes")
+        else:
+            self.send(self._submit(data))
+        self.sender = self.recipient = None
+
+    def smtp_RSET(self, arg: str) -> None:
+        self.sender = self.recipient = None
+        self.send("250 2.0.0 Reset")
+
+    def smtp_NOOP(self, arg: str) -> None:
+        self.send("250 2.0.0 OK")
+
+    def smtp_QUIT(self, arg: str) -> bool:
+        self.send("221 2.0.0 Bye")
+        return False
 
     @staticmethod
     def _path(arg: str, word: str) -> str | None:
@@ -3352,14 +3619,16 @@ class SmtpHandler(MailClientHandler):
             if size <= MAIL_MESSAGE:
                 lines.append(line[1:] if line.startswith(b".") else line)   # dot-stuffing
 
-    def _submit(self, user: str, recipient: str, data: bytes) -> str:
+    def _submit(self, data: bytes) -> str:
         shell: NodeShell = self.server.shell
         try:
             subject, body = parse_submission(data)
-            mail_id = shell.call("submit", user, recipient, subject, body)
+            mail_id = shell.call("submit", self.user, self.recipient, subject, body)
         except SecralError as exc:
             if exc.code == "too_large":
                 return f"552 5.3.4 {exc.message}"
+            if exc.code == "refused":           # what the message is made of, not its text
+                return f"554 5.6.1 {exc.message}"
             return f"554 5.6.0 {exc.message}"
         except Exception as exc:               # a message the email package cannot read
             return f"554 5.6.0 Cannot read the message: {exc}"
@@ -3367,106 +3636,132 @@ class SmtpHandler(MailClientHandler):
 
 
 class Pop3Handler(MailClientHandler):
-    """POP3 (RFC 1939) over a user's inbox; deletions happen at QUIT."""
+    """POP3 (RFC 1939, RFC 2449 response codes) over a user's inbox; deletions
+    happen at QUIT.  One session per mailbox at a time."""
 
-    def session(self) -> None:
-        shell: NodeShell = self.server.shell
+    VERBS = {"USER": "pop_USER", "PASS": "pop_PASS", "CAPA": "pop_CAPA", "QUIT": "pop_QUIT",
+             "STAT": "pop_STAT", "LIST": "pop_LIST", "UIDL": "pop_UIDL", "RETR": "pop_RETR",
+             "TOP": "pop_TOP", "DELE": "pop_DELE", "RSET": "pop_RSET", "NOOP": "pop_NOOP"}
+    UNKNOWN = "-ERR command not recognised"
+    TRANSACTION = ("STAT", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET", "NOOP")
+
+    def greet(self) -> None:
+        self.name: str | None = None
+        self.user: str | None = None            # set once logged in and the mailbox is locked
+        self.messages: list[tuple[str, bytes]] = []
+        self.deleted: set[int] = set()
         self.send("+OK Secral POP3 ready")
-        name = user = None
-        while user is None:
-            command = self.read_command()
-            if command is None:
-                return
-            verb, arg = command
-            if verb == "USER":
-                name = arg
-                self.send("+OK send PASS")
-            elif verb == "PASS" and name is not None:
-                with shell.lock:
-                    stored = shell.stores.passwords.get(name.lower()) if USER_RE.fullmatch(name) else None
-                if check_password(stored, arg) and self.server.lock_user(name.lower()):
-                    user = name.lower()
-                else:
-                    self.send("-ERR invalid user name or password, or the mailbox is in use")
-                    name = None
-            elif verb == "QUIT":
-                self.send("+OK bye")
-                return
-            elif verb == "CAPA":
-                self.send("+OK capabilities follow")
-                for capa in ("USER", "UIDL", "TOP", "."):
-                    self.send(capa)
-            else:
-                self.send("-ERR USER and PASS first")
-        try:
-            self._transaction(user)
-        finally:
-            self.server.unlock_user(user)
 
-    def _transaction(self, user: str) -> None:
+    def end(self) -> None:
+        if self.user is not None:
+            self.server.unlock_user(self.user)
+
+    def refusal(self, verb: str) -> str | None:
+        if self.user is None and verb in self.TRANSACTION:   # (RFC 1939 section 3: states)
+            return "-ERR USER and PASS first"
+        return None
+
+    def pop_USER(self, arg: str) -> None:
+        self.name = arg
+        self.send("+OK send PASS")
+
+    def pop_PASS(self, arg: str) -> None:
+        if self.name is None or self.user is not None:
+            self.send("-ERR USER first")
+            return
+        user = self.login(self.name, arg)
+        self.name = None
+        if user is None:
+            self.send("-ERR [AUTH] invalid user name or password")
+        elif not self.server.lock_user(user):
+            self.send("-ERR [IN-USE] the mailbox is open in another session")
+        else:
+            self.user = user
+            self.messages = self._load(user)
+            self.send(f"+OK {len(self.messages)} messages")
+
+    def pop_CAPA(self, arg: str) -> None:
+        self.send("+OK capabilities follow")
+        for capa in ("USER", "UIDL", "TOP", "RESP-CODES", "AUTH-RESP-CODE", "."):
+            self.send(capa)
+
+    def pop_QUIT(self, arg: str) -> bool:
+        shell: NodeShell = self.server.shell
+        with shell.lock:                        # the UPDATE state: deletions now (RFC 1939 section 6)
+            for i in self.deleted:
+                shell.stores.inbox.pop(self.messages[i][0], None)
+        self.send(f"+OK bye, {len(self.deleted)} messages deleted" if self.user else "+OK bye")
+        return False
+
+    def _load(self, user: str) -> list[tuple[str, bytes]]:
         shell: NodeShell = self.server.shell
         with shell.lock:
             contacts = {parse_address(c["address"]).key: c["name"] for c in shell.stores.contacts.values()}
             entries = sorted(((k, e) for k, e in shell.stores.inbox.items() if e["user"] == user),
                              key=lambda ke: (ke[1]["received"], ke[0]))
-        messages = [(key, message_of(e, contacts.get(parse_address(e["from"]).key))) for key, e in entries]
-        deleted: set[int] = set()
-        self.send(f"+OK {len(messages)} messages")
+        return [(key, message_of(e, contacts.get(Address(*e["from"].split("@")).key))) for key, e in entries]
 
-        def pick(arg: str) -> int | None:
-            if (arg.isascii() and arg.isdigit() and 1 <= int(arg) <= len(messages)
-                    and int(arg) - 1 not in deleted):
-                return int(arg) - 1
-            self.send("-ERR no such message")
-            return None
+    def _live(self) -> list[int]:
+        return [i for i in range(len(self.messages)) if i not in self.deleted]
 
-        while (command := self.read_command()) is not None:
-            verb, arg = command
-            live = [i for i in range(len(messages)) if i not in deleted]
-            if verb == "STAT":
-                self.send(f"+OK {len(live)} {sum(len(messages[i][1]) for i in live)}")
-            elif verb in ("LIST", "UIDL"):
-                show = (lambda i: len(messages[i][1])) if verb == "LIST" else (lambda i: messages[i][0])
-                if arg:
-                    if (i := pick(arg)) is not None:
-                        self.send(f"+OK {i + 1} {show(i)}")
-                else:
-                    self.send(f"+OK {len(live)} messages")
-                    for i in live:
-                        self.send(f"{i + 1} {show(i)}")
-                    self.send(".")
-            elif verb in ("RETR", "TOP"):
-                number, _, lines = arg.partition(" ")
-                if verb == "TOP" and not (lines.strip().isascii() and lines.strip().isdigit()):
-                    self.send("-ERR TOP needs a message number and a line count")
-                    continue
-                if (i := pick(number)) is None:
-                    continue
-                data = messages[i][1]
-                if verb == "TOP":
-                    head, _, body = data.partition(b"\r\n\r\n")
-                    data = head + b"\r\n\r\n" + b"".join(body.splitlines(True)[:int(lines)])
-                self.send(f"+OK {len(data)} octets")
-                for line in data.split(b"\r\n")[:-1] if data.endswith(b"\r\n") else data.split(b"\r\n"):
-                    self.wfile.write((b"." + line if line.startswith(b".") else line) + b"\r\n")
-                self.send(".")
-            elif verb == "DELE":
-                if (i := pick(arg)) is not None:
-                    deleted.add(i)
-                    self.send(f"+OK message {i + 1} deleted")
-            elif verb == "RSET":
-                deleted.clear()
-                self.send(f"+OK {len(messages)} messages")
-            elif verb == "NOOP":
-                self.send("+OK")
-            elif verb == "QUIT":
-                with shell.lock:                # the UPDATE state: deletions now (RFC 1939 section 6)
-                    for i in deleted:
-                        shell.stores.inbox.pop(messages[i][0], None)
-                self.send(f"+OK bye, {len(deleted)} messages deleted")
-                return
-            else:
-                self.send("-ERR command not recognised")
+    def _pick(self, arg: str) -> int | None:
+        if (arg.isascii() and arg.isdigit() and 1 <= int(arg) <= len(self.messages)
+                and int(arg) - 1 not in self.deleted):
+            return int(arg) - 1
+        self.send("-ERR no such message")
+        return None
+
+    def pop_STAT(self, arg: str) -> None:
+        live = self._live()
+        self.send(f"+OK {len(live)} {sum(len(self.messages[i][1]) for i in live)}")
+
+    def _listing(self, arg: str, show: Callable[[int], Any]) -> None:
+        if arg:
+            if (i := self._pick(arg)) is not None:
+                self.send(f"+OK {i + 1} {show(i)}")
+            return
+        live = self._live()
+        self.send(f"+OK {len(live)} messages")
+        for i in live:
+            self.send(f"{i + 1} {show(i)}")
+        self.send(".")
+
+    def pop_LIST(self, arg: str) -> None:
+        self._listing(arg, lambda i: len(self.messages[i][1]))
+
+    def pop_UIDL(self, arg: str) -> None:
+        self._listing(arg, lambda i: self.messages[i][0])
+
+    def pop_RETR(self, arg: str) -> None:
+        if (i := self._pick(arg)) is not None:
+            self._multiline(self.messages[i][1])
+
+    def pop_TOP(self, arg: str) -> None:
+        number, _, lines = arg.partition(" ")
+        if not (lines.strip().isascii() and lines.strip().isdigit()):
+            self.send("-ERR TOP needs a message number and a line count")
+            return
+        if (i := self._pick(number)) is not None:
+            head, _, body = self.messages[i][1].partition(b"\r\n\r\n")
+            self._multiline(head + b"\r\n\r\n" + b"".join(body.splitlines(True)[:int(lines)]))
+
+    def _multiline(self, data: bytes) -> None:
+        self.send(f"+OK {len(data)} octets")
+        for line in data.split(b"\r\n")[:-1] if data.endswith(b"\r\n") else data.split(b"\r\n"):
+            self.wfile.write((b"." + line if line.startswith(b".") else line) + b"\r\n")
+        self.send(".")
+
+    def pop_DELE(self, arg: str) -> None:
+        if (i := self._pick(arg)) is not None:
+            self.deleted.add(i)
+            self.send(f"+OK message {i + 1} deleted")
+
+    def pop_RSET(self, arg: str) -> None:
+        self.deleted.clear()
+        self.send(f"+OK {len(self.messages)} messages")
+
+    def pop_NOOP(self, arg: str) -> None:
+        self.send("+OK")
 
 
 class MailClientServer(socketserver.ThreadingTCPServer):
@@ -3474,7 +3769,7 @@ class MailClientServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], handler: type, shell: NodeShell):
+    def __init__(self, address: tuple[str, int], handler: type, shell: "NodeShell"):
         self.shell = shell
         self.locked: set[str] = set()
         self.locked_guard = threading.Lock()
@@ -3565,6 +3860,7 @@ class WirePeer:
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
+            self.rfile.close()
             self.sock.close()
 
 
@@ -3619,6 +3915,8 @@ def run_demo(args: argparse.Namespace) -> int:
         header("Node 5 mails node 3. They are not linked.")
         wiretap = WirePeer(nodes[5].port, identities[8])
         wiretap.handshake()
+        wiretap.sock.settimeout(10)            # every read has a deadline
+        wait(lambda: identities[8].domain in nodes[5].core.open)
         say(f"      (an eavesdropper, {identities[8].domain}, has joined node 5 as an ordinary peer)")
         say("      Node 5 asks its peers for node 3's NIS record (it needs node 3's key), seals the mail")
         say("      with AES-256-GCM under a key only node 3 can unwrap, signs it, and hands it on.")
@@ -3657,7 +3955,8 @@ def run_demo(args: argparse.Namespace) -> int:
                         body="The relays kept this for you.")
         holders = wait(lambda: [f"node {i}" for i in (1, 2, 7)
                                 if any(k.startswith("mail/") for k in nodes[i].core.items)])
-        say(f"      node 6 is unreachable; {', '.join(holders)} keep the sealed mail for it "
+        say(f"      node 6 is unreachable; {', '.join(holders)} {'keeps' if len(holders) == 1 else 'keep'} "
+            "the sealed mail for it "
             f"(outbox: {nodes[4].stores.outbox[entry['id']]['status']}).")
         say("      (they would keep it for up to 7 days; here node 6 comes back at once)")
         start(6, [1, 7, 2])
@@ -3669,6 +3968,8 @@ def run_demo(args: argparse.Namespace) -> int:
         header("A misbehaving peer connects to node 1.")
         rogue = WirePeer(nodes[1].port, identities[9], source="127.0.0.66")
         rogue.handshake()
+        rogue.sock.settimeout(10)
+        wait(lambda: identities[9].domain in nodes[1].core.open)
         say(f"      {identities[9].domain} completes the handshake, then sends forged mail:")
         mail = seal_mail(identities[9], Address(DEFAULT_USER, identities[9].domain),
                          Address(DEFAULT_USER, nodes[1].identity.domain), nodes[1].identity.public_b64,
@@ -3687,6 +3988,8 @@ def run_demo(args: argparse.Namespace) -> int:
             ", ".join(f"{name(p['domain'])} (score {p['score']})" for p in honest))
         say(f"\nDone in {time.monotonic() - started:.1f} s.")
         return 0
+    except OSError as exc:                      # a read past its deadline, a refused connection
+        raise LocalError("refused", f"the demo failed: {exc}")
     finally:
         for shell in nodes.values():
             shell.stop()
@@ -3703,16 +4006,11 @@ class BenchNode:
         os.makedirs(self.data_dir, exist_ok=True)
         import subprocess
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "node", "--data-dir", self.data_dir,
+            [sys.executable, os.path.abspath(__file__), "node", "--json", "--data-dir", self.data_dir,
              "--host", "127.0.0.1", "--port", "0", "--rate", "1000000", "--send-rate", "1000000", *args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        for line in self.proc.stdout:
-            if match := re.search(r"node (node-\w+)", line):
-                self.domain = match.group(1)
-            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                self.port = int(match.group(1))
-            if "stop with Ctrl-C" in line:
-                break
+        banner = json.loads(self.proc.stdout.readline())     # node --json: one line once it runs
+        self.domain, self.port = banner["domain"], banner["listen"][1] if banner["listen"] else None
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 
     def __call__(self, cmd: str, **args: Any) -> Any:
@@ -3927,9 +4225,25 @@ def run_bench(args: argparse.Namespace) -> int:
 # Command line
 # =============================================================================
 # python3 secral.py node | send | inbox | read | outbox | peers | status |
-# whoami | nis lookup | users | contacts | passwd | demo | bench.  All take
-# --data-dir and --json; all but node, whoami, demo and bench talk to the
-# node running on that directory.
+# whoami | nis lookup | users | contacts | passwd | demo | bench.  --data-dir,
+# --json and -v may stand anywhere on the line, with one meaning; all but
+# node, whoami, demo and bench talk to the node running on that directory.
+
+EXIT_STATUS = {
+    # status  meaning (README: "Exit status")
+    0:   "success",
+    1:   "refused: the request is invalid or not allowed (every other error code)",
+    2:   "usage: the command line is wrong",
+    3:   "not_running: no node is running for the data directory",
+    4:   "not_found: no such mail, user, contact or NIS record",
+    5:   "unauthorized: the control token is wrong (another user's node?)",
+    6:   "send --wait: the mail was rejected, expired or withdrawn",
+    7:   "send --wait: not delivered yet when the wait ended (the node keeps trying)",
+    130: "interrupted (Ctrl-C)",
+}
+EXIT_FOR_CODE = {"not_running": 3, "not_found": 4, "unauthorized": 5}
+TABLE_WIDTH = 100               # columns a table may use
+
 
 def default_data_dir() -> str:
     return os.environ.get("SECRAL_HOME") or os.path.join(os.path.expanduser("~"), ".secral")
@@ -3943,7 +4257,7 @@ def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, in
     host = match.group(1) or match.group(3)
     port = int(match.group(2) or match.group(4) or default_port)
     if not 0 < port < 65536:
-        raise LocalError("refused", f"port {port} is out of range")
+        raise LocalError("refused", f"port {port} is out of range 1-65535")
     return host, port
 
 
@@ -3956,7 +4270,7 @@ def call_node(data_dir: str, cmd: str, args: dict | None = None, timeout: float 
         with open(path) as f:
             info = json.load(f)
         sock = socket.create_connection(("127.0.0.1", info["port"]), timeout=5)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise LocalError("not_running", hint)
     with sock:
         sock.settimeout(timeout + 30)
@@ -3973,31 +4287,68 @@ def call_node(data_dir: str, cmd: str, args: dict | None = None, timeout: float 
 
 
 def when(t: int | None) -> str:
-    return "-" if not t else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+    """A time for people: local, to the minute, with its zone."""
+    return "-" if not t else time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(t))
 
 
-def print_table(rows: list[list[Any]], header: list[str]) -> None:
-    rows = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def print_table(rows: list[list[Any]], header: list[str], width: int = TABLE_WIDTH,
+                notes: list[str] | None = None) -> None:
+    """Columns that fit `width`: the widest column gives way first, its cells
+    cut with an ellipsis (ids and times are short and stay whole).  A row's
+    note, if any, goes whole on an indented line of its own below it."""
+    rows = [[LINE_BREAKERS.sub(" ", str(c)) for c in row] for row in rows]    # one line per row
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    while sum(widths) + 2 * (len(widths) - 1) > width and max(widths) > 8:
+        widths[widths.index(max(widths))] -= 1
+
+    def cut(text: str, w: int) -> str:
+        return text if len(text) <= w else text[:w - 1] + "\u2026"
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for row, note in zip(rows, notes or [""] * len(rows)):
+        print("  ".join(cut(c, w).ljust(w) for c, w in zip(row, widths)).rstrip())
+        if note:
+            print(cut("    " + note, width))
 
 
-def run_node(args: argparse.Namespace) -> int:
-    """python3 secral.py node: run in the foreground until Ctrl-C or SIGTERM."""
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    os.umask(0o077)                             # mail, keys and password hashes: ours alone
-    data_dir = args.data_dir
-    os.makedirs(data_dir, mode=0o700, exist_ok=True)
-    if os.path.exists(os.path.join(data_dir, CONTROL_FILE)):
-        with contextlib.suppress(LocalError):
-            call_node(data_dir, "whoami")
-            raise LocalError("refused", f"a node is already running for {data_dir}")
-    listen = None if args.no_listen else (args.host, args.port)
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 meaning any free one."""
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return int(text)
+
+
+def positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value <= 0 or value != value:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+        return value
+    return parse
+
+
+def say(text: str) -> None:
+    print(f"secral: {text}", file=sys.stderr, flush=True)
+
+
+# -- node ---------------------------------------------------------------------
+
+def node_config(args: argparse.Namespace) -> Config:
+    """Config from the node command's options, checked as peers would check
+    our record: an advertised host nobody can dial is refused here (5.3)."""
     if args.advertise:
         host, port = parse_hostport(args.advertise)
+        try:
+            is_host(host, "--advertise")
+        except RemoteError:
+            raise LocalError("refused", f"--advertise {args.advertise}: {host} is not an address "
+                             "peers can dial (a host name or a unicast IP address)")
     elif args.no_listen:
         host, port = None, 0
     else:
@@ -4010,248 +4361,386 @@ def run_node(args: argparse.Namespace) -> int:
         config.rate, config.burst = args.rate, int(args.rate * 2)
     if args.send_rate:
         config.send_rate = args.send_rate
-    shell = NodeShell(data_dir, config, listen, Clock(args.clock_file),
-                      smtp=(args.mail_host, args.smtp_port) if args.smtp_port is not None else None,
-                      pop3=(args.mail_host, args.pop3_port) if args.pop3_port is not None else None)
-    shell.start()
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    users = sorted(u["name"] for u in shell.stores.users.values())
-    print(f"Secral node {shell.identity.domain}", flush=True)
-    for user in [CORE_USER] + users:
-        print(f"  address  {user}@{shell.identity.domain}")
+    return config
+
+
+def node_banner(shell: NodeShell, args: argparse.Namespace) -> None:
+    """What the operator needs to know, once the node runs; with --json, one
+    JSON line a program can read (tests and the benchmark do)."""
+    record, domain = shell.core.record, shell.identity.domain
+    users = [CORE_USER] + sorted(u["name"] for u in shell.stores.users.values())
+    mail = {name: list(server.server_address[:2]) for name, server in shell.mail_servers.items()}
+    if args.json:
+        print(json.dumps({"domain": domain, "addresses": [f"{u}@{domain}" for u in users],
+                          "listen": [args.host, shell.port] if shell.port else None,
+                          "advertised": [record["host"], record["port"]] if record["host"] else None,
+                          "mail_clients": mail, "data_dir": shell.data_dir, "pid": os.getpid()}), flush=True)
+        return
+    print(f"Secral node {domain}")
+    for user in users:
+        print(f"  address  {user}@{domain}")
     if shell.port:
         print(f"  listening on {args.host}:{shell.port}"
-              + (f", advertised as {host}:{config.port}" if host else
+              + (f", advertised as {record['host']}:{record['port']}" if record["host"] else
                  " (not advertised: use --advertise HOST:PORT so others can dial you)"))
     else:
         print("  not listening (reachable through relays only)")
-    for name, server in shell.mail_servers.items():
-        host, port = server.server_address[:2]
+    for name, (host, port) in mail.items():
         print(f"  {name.upper()} for mail clients on {host}:{port}")
-    print(f"  data in {data_dir}; stop with Ctrl-C", flush=True)
+    print(f"  data in {shell.data_dir}; stop with Ctrl-C", flush=True)
+
+
+def run_node(args: argparse.Namespace) -> int:
+    """python3 secral.py node: run in the foreground until Ctrl-C or SIGTERM."""
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    os.umask(0o077)                             # mail, keys and password hashes: ours alone
+    config = node_config(args)
+    listen = None if args.no_listen else (args.host, args.port)
+    mail_address = {name: (args.mail_host, port) if port is not None else None
+                    for name, port in (("smtp", args.smtp_port), ("pop3", args.pop3_port))}
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    shell = NodeShell(args.data_dir, config, listen, Clock(args.clock_file), announce=say,
+                      smtp=mail_address["smtp"], pop3=mail_address["pop3"])
+    shell.start()
+    node_banner(shell, args)
     stop.wait()
     log.info("stopping")
     shell.stop()
     return 0
 
 
-def run_whoami(args: argparse.Namespace) -> dict:
-    """whoami works without a running node: it creates the identity if needed."""
-    with contextlib.suppress(LocalError):
-        return call_node(args.data_dir, "whoami")
-    identity = load_identity(os.path.join(args.data_dir, "node.key"))
-    return {"domain": identity.domain,
-            "addresses": [f"{CORE_USER}@{identity.domain}", f"{DEFAULT_USER}@{identity.domain}"]}
+# -- client commands ------------------------------------------------------------
+# Each takes the parsed arguments and returns (result, show): the JSON-able
+# result, and how to print it for people.
+
+def cli_whoami(args: argparse.Namespace) -> tuple[Any, Callable]:
+    """whoami works without a running node: it creates the identity if needed,
+    and says so, since a mistyped --data-dir would otherwise pass unnoticed."""
+    try:
+        result = call_node(args.data_dir, "whoami")
+    except LocalError as exc:
+        if exc.code != "not_running":
+            raise
+        path = os.path.join(args.data_dir, "node.key")
+        existed = os.path.exists(path)
+        identity = load_identity(path, announce=say)
+        if not existed:
+            say(f"created a new identity in {args.data_dir}")
+        result = {"domain": identity.domain, "addresses": [f"{CORE_USER}@{identity.domain}",
+                                                           f"{DEFAULT_USER}@{identity.domain}"]}
+
+    def show(r: dict) -> None:
+        print(r["domain"])
+        for a in r["addresses"]:
+            print(f"  {a}")
+    return result, show
 
 
-def command_output(args: argparse.Namespace) -> tuple[Any, Callable[[Any], None]]:
-    """Run a client command; return its result and how to print it for people."""
-    d = args.data_dir
-    if args.command == "whoami":
-        def show(r):
-            print(r["domain"])
-            for a in r["addresses"]:
-                print(f"  {a}")
-        return run_whoami(args), show
-    if args.command == "send":
-        body = args.body if args.body is not None else sys.stdin.read()
-        entry = call_node(d, "send", {"to": args.to, "subject": args.subject, "body": body,
-                                      "user": args.sender, "ttl": args.ttl})
-        if args.wait:
-            entry = call_node(d, "wait", {"id": entry["id"], "timeout": args.wait}, args.wait)
-        def show(e):
-            if e["status"] == "delivered":
-                print(f"delivered {e['id']} to {e['to']}")
-            elif e["status"] == "rejected":
-                print(f"rejected {e['id']} by {e['to'].split('@')[1]}: {e['reason']}")
-            elif args.wait:
-                print(f"not yet delivered after {args.wait:g} s: {e['id']} is {e['status']} "
-                      "(the node keeps trying)")
-            else:
-                print(f"{e['status']} {e['id']} to {e['to']}")
-        if args.wait and entry["status"] != "delivered":
-            show(entry) if not args.json else print(json.dumps(entry, indent=2))
-            raise SystemExit(2 if entry["status"] in ("rejected", "expired") else 3)
-        return entry, show
-    if args.command == "inbox":
-        def show(rows):
-            print_table([[r["id"][:12], "*" if r["unread"] else " ", when(r["received"]),
-                          r["from"] + (f" ({r['contact']})" if r["contact"] else " (not a contact)"),
-                          r["subject"]] for r in rows],
-                        ["ID", "N", "RECEIVED", "FROM", "SUBJECT"])
-        return call_node(d, "inbox", {"user": args.user}), show
-    if args.command == "read":
-        def show(r):
-            sender = r["from"] + (f" ({r['contact']})" if r["contact"] else " (not in your contacts)")
-            print(f"From:    {sender}\nTo:      {r['to']}\nDate:    {when(r['created'])}\n"
-                  f"Subject: {r['subject']}\nId:      {r['id']}\n\n{r['body']}")
-        return call_node(d, "read", {"id": args.id}), show
-    if args.command == "outbox":
-        def show(rows):
-            print_table([[r["id"][:12], r["status"], when(r["created"]), r["to"], r["subject"],
-                          r["reason"]] for r in rows],
-                        ["ID", "STATUS", "CREATED", "TO", "SUBJECT", "NOTE"])
-        return call_node(d, "outbox"), show
-    if args.command == "status":
-        def show(r):
-            print(f"node {r['domain']}: {r['peers']} peers ({r['connections']} connections)")
-            print(f"inbox {r['inbox']} mails; outbox " +
-                  (", ".join(f"{n} {k}" for k, n in r["outbox"].items()) or "empty"))
-            print(f"holding for others: {r['relay']['mail']} mails, {r['relay']['ack']} acks, "
-                  f"{r['relay']['bytes']} bytes")
-            print(f"NIS map {r['nis_records']} records; known peers {r['known_peers']}; "
-                  f"banned {r['banned']}")
-        return call_node(d, "status"), show
-    if args.command == "peers":
-        if args.banned:
-            def show(rows):
-                print_table([[r["subject"], when(r["until"]), r["bans"]] for r in rows],
-                            ["BANNED", "UNTIL", "BANS"])
-        else:
-            def show(rows):
-                print_table([[r["domain"], r["host"] or "-", r["port"] or "-", r["direction"],
-                              r["score"]] for r in rows],
-                            ["DOMAIN", "HOST", "PORT", "DIRECTION", "SCORE"])
-        return call_node(d, "peers", {"banned": args.banned}), show
-    if args.command == "nis":
-        def show(r):
-            fingerprint = hashlib.sha256(base64.b64decode(r["key"])).hexdigest()
-            print(f"domain   {r['domain']}\nhost     {r['host'] or '- (reachable through relays)'}\n"
-                  f"port     {r['port'] or '-'}\nkey      sha256:{fingerprint}\n"
-                  f"seq      {r['seq']}\nexpires  {when(r['expires'])}")
-        record = call_node(d, "nis_lookup", {"domain": args.domain, "timeout": args.timeout},
-                           args.timeout)
-        fingerprint = "sha256:" + hashlib.sha256(base64.b64decode(record["key"])).hexdigest()
-        return record | {"fingerprint": fingerprint}, show
-    if args.command == "users":
-        if args.action == "list":
-            def show(rows):
-                print_table([[r["name"], r["address"], r["mails"]] for r in rows],
-                            ["USER", "ADDRESS", "MAILS"])
-            return call_node(d, "users_list"), show
-        if args.action == "add":
-            return call_node(d, "users_add", {"name": args.name}), lambda r: print(f"added {r['address']}")
-        result = call_node(d, "users_remove", {"name": args.name, "force": args.force})
-        return result, lambda r: print(f"removed {r['name']} ({r['removed_mails']} mails)")
-    if args.command == "passwd":
-        if sys.stdin.isatty():
-            import getpass
-            password = getpass.getpass(f"New password for {args.user}: ")
-            if getpass.getpass("Again: ") != password:
-                raise LocalError("refused", "the passwords differ")
-        else:
-            password = sys.stdin.readline().rstrip("\r\n")
-        result = call_node(d, "passwd", {"user": args.user, "password": password})
-        return result, lambda r: print(f"password set for {r['user']}")
-    if args.command == "contacts":
-        if args.action == "list":
-            def show(rows):
-                print_table([[r["name"], r["address"]] for r in rows], ["NAME", "ADDRESS"])
-            return call_node(d, "contacts_list"), show
-        if args.action == "add":
-            result = call_node(d, "contacts_add", {"name": args.name, "address": args.address})
-            return result, lambda r: print(f"added {r['name']} = {r['address']}")
-        result = call_node(d, "contacts_remove", {"name": args.name})
-        return result, lambda r: print(f"removed {r['name']}")
-    raise LocalError("refused", f"unknown command {args.command}")
+def show_sent(e: dict) -> None:
+    if e["status"] == "delivered":
+        print(f"delivered {e['id']} to {e['to']}")
+    elif e["status"] == "rejected":
+        print(f"rejected {e['id']} by {e['to'].split('@')[1]}: {e['reason']}")
+    else:
+        print(f"{e['status']} {e['id']} to {e['to']}: {e['note']}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", default=default_data_dir(),
-                        help="node directory (default: $SECRAL_HOME or ~/.secral)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    parser = argparse.ArgumentParser(
-        prog="secral.py", description="Secral: end-to-end encrypted peer-to-peer mail.")
-    parser.add_argument("--version", action="version", version=AGENT)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def cli_send(args: argparse.Namespace) -> tuple[Any, Callable]:
+    body = args.body if args.body is not None else sys.stdin.read()
+    entry = call_node(args.data_dir, "send", {"to": args.to, "subject": args.subject, "body": body,
+                                              "user": args.sender, "ttl": args.ttl}, NIS_TIMEOUT + 5)
+    if args.wait:
+        entry = call_node(args.data_dir, "wait", {"id": entry["id"], "timeout": args.wait}, args.wait)
+        if entry["status"] != "delivered":
+            raise Unfinished(entry, show_sent, 6 if entry["status"] in OUTBOX_FINAL else 7)
+    return entry, show_sent
 
-    p = sub.add_parser("node", parents=[common], help="run a node in the foreground")
+
+def show_mail_rows(rows: list[dict]) -> None:
+    print_table([[r["id"][:12], "*" if r["unread"] else " ", when(r["received"]),
+                  r["contact"] or r["from"], r["subject"]] for r in rows],
+                ["ID", "NEW", "RECEIVED", "FROM", "SUBJECT"])
+
+
+def cli_inbox(args: argparse.Namespace) -> tuple[Any, Callable]:
+    if args.action == "delete":
+        result = call_node(args.data_dir, "inbox_delete", {"id": args.id})
+        return result, lambda r: print(f"deleted {r['id']} from {r['contact'] or r['from']}")
+    return call_node(args.data_dir, "inbox", {"user": args.user}), show_mail_rows
+
+
+def cli_read(args: argparse.Namespace) -> tuple[Any, Callable]:
+    def show(r: dict) -> None:
+        if r["folder"] == "sent":
+            print(f"From:    {r['from']}\nTo:      {r['to']}\nDate:    {when(r['created'])}\n"
+                  f"Subject: {r['subject']}\nId:      {r['id']}\nStatus:  {r['status']} ({r['note']})"
+                  f"\n\n{r['body']}")
+            return
+        sender = r["from"] + (f" ({r['contact']})" if r["contact"] else " (not in your contacts)")
+        print(f"From:    {sender}\nTo:      {r['to']}\nDate:    {when(r['created'])}\n"
+              f"Subject: {r['subject']}\nId:      {r['id']}\n\n{r['body']}")
+    return call_node(args.data_dir, "read", {"id": args.id}), show
+
+
+def cli_outbox(args: argparse.Namespace) -> tuple[Any, Callable]:
+    if args.action == "cancel":
+        result = call_node(args.data_dir, "outbox_cancel", {"id": args.id})
+        return result, lambda r: print(f"withdrew {r['id']} to {r['to']}: {r['note']}")
+
+    def show(rows: list[dict]) -> None:
+        print_table([[r["id"][:12], r["status"], when(r["created"]), r["contact"] or r["to"], r["subject"]]
+                     for r in rows], ["ID", "STATUS", "CREATED", "TO", "SUBJECT"],
+                    notes=[r["note"] for r in rows])
+    return call_node(args.data_dir, "outbox"), show
+
+
+def cli_status(args: argparse.Namespace) -> tuple[Any, Callable]:
+    def show(r: dict) -> None:
+        print(f"node {r['domain']}: {plural(r['peers'], 'peer')} ({plural(r['connections'], 'connection')})")
+        print(f"inbox {plural(r['inbox'], 'mail')}; outbox " +
+              (", ".join(f"{n} {k}" for k, n in r["outbox"].items()) or "empty"))
+        print(f"holding for others: {plural(r['relay']['mail'], 'mail')}, {plural(r['relay']['ack'], 'ack')}, "
+              f"{plural(r['relay']['bytes'], 'byte')}")
+        print(f"NIS map {plural(r['nis_records'], 'record')}; {plural(r['known_peers'], 'known peer')}; "
+              f"{r['banned']} banned")
+    return call_node(args.data_dir, "status"), show
+
+
+def cli_peers(args: argparse.Namespace) -> tuple[Any, Callable]:
+    if args.banned:
+        def show(rows: list[dict]) -> None:
+            print_table([[r["subject"], when(r["until"]), r["bans"]] for r in rows],
+                        ["BANNED", "UNTIL", "BANS"])
+    else:
+        def show(rows: list[dict]) -> None:
+            print_table([[r["domain"], r["host"] or "-", r["port"] or "-", r["direction"], r["score"]]
+                         for r in rows], ["DOMAIN", "HOST", "PORT", "DIRECTION", "SCORE"])
+    return call_node(args.data_dir, "peers", {"banned": args.banned}), show
+
+
+def cli_nis(args: argparse.Namespace) -> tuple[Any, Callable]:
+    def show(r: dict) -> None:
+        print(f"domain   {r['domain']}\nhost     {r['host'] or '- (reachable through relays)'}\n"
+              f"port     {r['port'] or '-'}\nkey      {r['fingerprint']}\n"
+              f"seq      {r['seq']}\nexpires  {when(r['expires'])}")
+    record = call_node(args.data_dir, "nis_lookup", {"domain": args.domain, "timeout": args.timeout},
+                       args.timeout)
+    fingerprint = "sha256:" + hashlib.sha256(base64.b64decode(record["key"])).hexdigest()
+    return record | {"fingerprint": fingerprint}, show
+
+
+def cli_users(args: argparse.Namespace) -> tuple[Any, Callable]:
+    if args.action == "list":
+        def show(rows: list[dict]) -> None:
+            print_table([[r["name"], r["address"], r["mails"]] for r in rows], ["USER", "ADDRESS", "MAILS"])
+        return call_node(args.data_dir, "users_list"), show
+    if args.action == "add":
+        return call_node(args.data_dir, "users_add", {"name": args.name}), lambda r: print(f"added {r['address']}")
+    result = call_node(args.data_dir, "users_remove", {"name": args.name, "force": args.force})
+    return result, lambda r: print(f"removed {r['name']} ({plural(r['removed_mails'], 'mail')})")
+
+
+def cli_passwd(args: argparse.Namespace) -> tuple[Any, Callable]:
+    if sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass(f"New password for {args.user}: ")
+        if getpass.getpass("Again: ") != password:
+            raise LocalError("refused", "the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    result = call_node(args.data_dir, "passwd", {"user": args.user, "password": password})
+    return result, lambda r: print(f"password set for {r['user']}")
+
+
+def cli_contacts(args: argparse.Namespace) -> tuple[Any, Callable]:
+    if args.action == "list":
+        def show(rows: list[dict]) -> None:
+            print_table([[r["name"], r["address"]] for r in rows], ["NAME", "ADDRESS"])
+        return call_node(args.data_dir, "contacts_list"), show
+    if args.action == "add":
+        result = call_node(args.data_dir, "contacts_add", {"name": args.name, "address": args.address})
+        return result, lambda r: print(f"added {r['name']} = {r['address']}")
+    result = call_node(args.data_dir, "contacts_remove", {"name": args.name})
+    return result, lambda r: print(f"removed {r['name']}")
+
+
+class Unfinished(Exception):
+    """A command that ran but did not get what was asked (send --wait without
+    a delivery): its result is printed as usual, then it exits `status`."""
+
+    def __init__(self, result: Any, show: Callable, status: int):
+        super().__init__(status)
+        self.result, self.show, self.status = result, show, status
+
+
+CLIENT_COMMANDS: dict[str, Callable[[argparse.Namespace], tuple[Any, Callable]]] = {
+    "whoami": cli_whoami, "send": cli_send, "inbox": cli_inbox, "read": cli_read,
+    "outbox": cli_outbox, "status": cli_status, "peers": cli_peers, "nis": cli_nis,
+    "users": cli_users, "passwd": cli_passwd, "contacts": cli_contacts,
+}
+
+
+# -- the parser ---------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported in one line rather than the usage block."""
+
+    def error(self, message: str) -> None:      # (argparse's own hook)
+        self.exit(2, f"{self.prog}: {message} (see: {self.prog} --help)\n")
+
+
+def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--data-dir, --json and -v, on every (sub)parser.  Their defaults are
+    SUPPRESS, so an option given before the command is not overwritten by a
+    sub-parser's default; main() fills in the real defaults once."""
+    group = parser.add_argument_group("options accepted anywhere on the line")
+    group.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
+                       help="the node's directory (default: $SECRAL_HOME or ~/.secral)")
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="machine-readable output; errors as {\"error\": {\"code\", \"message\"}}")
+    group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="more detail (node: debug logging)")
+    return parser
+
+
+def add_node_parser(sub: Any) -> None:
+    p = add_common(sub.add_parser("node", help="run a node in the foreground",
+                                  description="Run a node in the foreground; Ctrl-C or SIGTERM stops it."))
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                   help=f"port to listen on (default {DEFAULT_PORT}; 0: any free port)")
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                    help="a node to connect to (repeatable)")
     p.add_argument("--advertise", metavar="HOST:PORT", help="address to publish in the NIS record")
     p.add_argument("--no-listen", action="store_true", help="behind NAT: accept no connections")
-    p.add_argument("--target-outbound", type=int, default=8, help="outbound connections to keep")
-    p.add_argument("--rate", type=float, help=f"frames/s a peer may send us (default {RATE_PER_SECOND})")
-    p.add_argument("--send-rate", type=float,
+    p.add_argument("--target-outbound", type=positive(int), default=8, help="outbound connections to keep")
+    p.add_argument("--rate", type=positive(float), help=f"frames/s a peer may send us (default {RATE_PER_SECOND})")
+    p.add_argument("--send-rate", type=positive(float),
                    help=f"frames/s we send on one connection (default {SEND_RATE}; keep it below "
                         "the peers' --rate)")
     quota = Config()
-    p.add_argument("--store-max-items", type=int, default=quota.relay_max_items,
+    p.add_argument("--store-max-items", type=positive(int), default=quota.relay_max_items,
                    help="mails and acks kept for others, in total (default %(default)s)")
-    p.add_argument("--store-max-mb", type=int, default=quota.relay_max_bytes >> 20,
+    p.add_argument("--store-max-mb", type=positive(int), default=quota.relay_max_bytes >> 20,
                    help="megabytes kept for others, in total (default %(default)s)")
-    p.add_argument("--origin-max-items", type=int, default=quota.origin_max_items,
+    p.add_argument("--origin-max-items", type=positive(int), default=quota.origin_max_items,
                    help="mails kept for others, per sending node (default %(default)s)")
-    p.add_argument("--origin-max-mb", type=int, default=quota.origin_max_bytes >> 20,
+    p.add_argument("--origin-max-mb", type=positive(int), default=quota.origin_max_bytes >> 20,
                    help="megabytes kept for others, per sending node (default %(default)s)")
-    p.add_argument("--smtp-port", type=int, metavar="P", help="serve SMTP submission for mail clients")
-    p.add_argument("--pop3-port", type=int, metavar="P", help="serve POP3 for mail clients")
+    p.add_argument("--smtp-port", type=port_number, metavar="P", help="serve SMTP submission for mail clients")
+    p.add_argument("--pop3-port", type=port_number, metavar="P", help="serve POP3 for mail clients")
     p.add_argument("--mail-host", default="127.0.0.1",
                    help="address for SMTP/POP3 (default 127.0.0.1: this machine only)")
     p.add_argument("--clock-file", help="testing: add the seconds written in this file to the clock")
-    p.add_argument("-v", "--verbose", action="store_true")
 
-    p = sub.add_parser("send", parents=[common], help="send a mail")
-    p.add_argument("to", help="user@node-... or a contact name")
-    p.add_argument("--subject", "-s", required=True)
+
+def add_mail_parsers(sub: Any) -> None:
+    p = add_common(sub.add_parser("send", help="send a mail"))
+    p.add_argument("to", help="the recipient: user@node-... or a contact name")
+    p.add_argument("--subject", "-s", required=True, help="the subject (one line)")
     p.add_argument("--body", "-b", help="the text (default: read standard input)")
     p.add_argument("--from", dest="sender", default=DEFAULT_USER, help="local user (default Default)")
-    p.add_argument("--ttl", type=int, default=MAX_TTL, help="seconds to keep trying (default 7 days)")
-    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
-                   help="wait this long for the ack and say whether it came")
-
-    p = sub.add_parser("inbox", parents=[common], help="list received mail")
+    p.add_argument("--ttl", type=positive(int), default=MAX_TTL,
+                   help="seconds the mail lives and is retried (default and most: 7 days)")
+    p.add_argument("--wait", type=positive(float), metavar="SECONDS",
+                   help="wait this long for the ack; exit 6 if rejected or expired, 7 if still on its way")
+    p = add_common(sub.add_parser("inbox", help="list received mail, or delete one"))
     p.add_argument("--user", "-u", help="only this local user's mail")
-    p = sub.add_parser("read", parents=[common], help="show one mail")
-    p.add_argument("id", help="the mail id (a unique prefix will do)")
-    sub.add_parser("outbox", parents=[common], help="list sent mail and its status")
-    sub.add_parser("status", parents=[common], help="what the node holds and who it talks to")
-    p = sub.add_parser("peers", parents=[common], help="list connected peers")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    add_common(actions.add_parser("list", help="list received mail (the default)"))
+    add_common(actions.add_parser("delete", help="delete one received mail")).add_argument(
+        "id", help="the mail id (a unique prefix of 4 or more digits will do)")
+    p = add_common(sub.add_parser("read", help="show one mail, received or sent"))
+    p.add_argument("id", help="the mail id (a unique prefix of 4 or more digits will do)")
+    p = add_common(sub.add_parser("outbox", help="list sent mail and why it is where it is, or withdraw one"))
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    add_common(actions.add_parser("list", help="list sent mail (the default)"))
+    add_common(actions.add_parser("cancel", help="withdraw a mail not yet delivered")).add_argument(
+        "id", help="the mail id (a unique prefix of 4 or more digits will do)")
+
+
+def add_admin_parsers(sub: Any) -> None:
+    add_common(sub.add_parser("status", help="what the node holds and who it talks to"))
+    p = add_common(sub.add_parser("peers", help="list connected peers"))
     p.add_argument("--banned", action="store_true", help="list banned peers instead")
-    sub.add_parser("whoami", parents=[common], help="show this node's domain and addresses")
-
-    p = sub.add_parser("nis", parents=[common], help="NIS name lookups")
-    nis = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = nis.add_parser("lookup", parents=[common], help="find a node's NIS record")
-    q.add_argument("domain")
-    q.add_argument("--timeout", type=float, default=NIS_TIMEOUT)
-
-    p = sub.add_parser("users", parents=[common], help="manage local users")
-    users = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    users.add_parser("list", parents=[common])
-    users.add_parser("add", parents=[common]).add_argument("name")
-    q = users.add_parser("remove", parents=[common])
-    q.add_argument("name")
+    add_common(sub.add_parser("whoami", help="show this node's domain and addresses (creates them if needed)"))
+    p = add_common(sub.add_parser("nis", help="NIS name lookups"))
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = add_common(actions.add_parser("lookup", help="find a node's NIS record through the network"))
+    q.add_argument("domain", help="the node's domain, node-...")
+    q.add_argument("--timeout", type=positive(float), default=NIS_TIMEOUT,
+                   help="seconds to wait for an answer (default %(default)s)")
+    p = add_common(sub.add_parser("users", help="manage local users"))
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add_common(actions.add_parser("list", help="list local users and their mail"))
+    add_common(actions.add_parser("add", help="add a local user")).add_argument("name", help="the user name")
+    q = add_common(actions.add_parser("remove", help="remove a local user"))
+    q.add_argument("name", help="the user name")
     q.add_argument("--force", action="store_true", help="also delete the user's mail")
+    p = add_common(sub.add_parser("passwd", help="set a user's password for mail clients"))
+    p.add_argument("user", help="the local user (reads the password from standard input if not a terminal)")
+    p = add_common(sub.add_parser("contacts", help="manage the address book"))
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add_common(actions.add_parser("list", help="list contacts"))
+    q = add_common(actions.add_parser("add", help="add a contact"))
+    q.add_argument("name", help="the name you will write instead of the address")
+    q.add_argument("address", help="user@node-...")
+    add_common(actions.add_parser("remove", help="remove a contact")).add_argument("name", help="the contact")
 
-    sub.add_parser("demo", parents=[common], help="watch seven nodes on this machine exchange mail")
-    p = sub.add_parser("bench", parents=[common], help="measure this machine (processes on 127.0.0.1)")
-    p.add_argument("--mails", type=int, default=300, help="end-to-end mails (default %(default)s)")
-    p.add_argument("--relay-mails", type=int, default=1000, help="relay-only mails (default %(default)s)")
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "exit status:\n" + "\n".join(f"  {n:<4} {text}" for n, text in EXIT_STATUS.items())
+    parser = add_common(Parser(
+        prog="secral.py", description="Secral: end-to-end encrypted peer-to-peer mail.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument("--version", action="version", version=AGENT)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_node_parser(sub)
+    add_mail_parsers(sub)
+    add_admin_parsers(sub)
+    add_common(sub.add_parser("demo", help="watch seven nodes on this machine exchange mail"))
+    p = add_common(sub.add_parser("bench", help="measure this machine (processes on 127.0.0.1)"))
+    p.add_argument("--mails", type=positive(int), default=300, help="end-to-end mails (default %(default)s)")
+    p.add_argument("--relay-mails", type=positive(int), default=1000,
+                   help="relay-only mails (default %(default)s)")
     p.add_argument("--stored", type=int, default=10_000,
                    help="mails a relay holds for the memory figure; 0 skips it (default %(default)s)")
-
-    p = sub.add_parser("passwd", parents=[common], help="set a user's password for mail clients")
-    p.add_argument("user")
-
-    p = sub.add_parser("contacts", parents=[common], help="manage the address book")
-    contacts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    contacts.add_parser("list", parents=[common])
-    q = contacts.add_parser("add", parents=[common])
-    q.add_argument("name")
-    q.add_argument("address")
-    contacts.add_parser("remove", parents=[common]).add_argument("name")
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(2)
+    args.data_dir = os.path.abspath(os.path.expanduser(getattr(args, "data_dir", default_data_dir())))
+    args.json = getattr(args, "json", False)
+    args.verbose = getattr(args, "verbose", False)
+    if getattr(args, "action", None) is None:
+        args.action = "list"
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        parser.exit(2, f"secral: --data-dir {args.data_dir} is a file, not a directory\n")
+    return args
+
+
+def report_error(args: argparse.Namespace, exc: SecralError) -> int:
+    """One line on stderr, or a JSON error object on stdout; a distinct status."""
+    if args.json:
+        print(json.dumps({"error": {"code": exc.code, "message": exc.message}}, ensure_ascii=False))
+    else:
+        print(f"secral: {exc.message}", file=sys.stderr)
+    return EXIT_FOR_CODE.get(exc.code, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+    for stream in (sys.stdout, sys.stderr):     # a stored text no terminal can show must not crash us
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+    args = parse_args(argv)
     try:
         if args.command == "node":
             return run_node(args)
@@ -4259,17 +4748,22 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "bench":
             return run_bench(args)
-        result, show = command_output(args)
+        result, show = CLIENT_COMMANDS[args.command](args)
+        status = 0
     except SecralError as exc:
-        print(f"secral: {exc.message}", file=sys.stderr)
-        return 1
+        return report_error(args, exc)
+    except Unfinished as unfinished:
+        result, show, status = unfinished.result, unfinished.show, unfinished.status
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     except BrokenPipeError:
         return 1
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
         show(result)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ class Network:
                     self.links.pop(other, None)
                     self.at(self.now + 0.001, "lost", other)
             elif isinstance(action, Dial):
-                self.run_actions(i, self.nodes[i].dial_failed(action.domain or action.host, self.now))
+                target = action.domain or f"{action.host}:{action.port}"     # (as the core keys a dial)
+                self.run_actions(i, self.nodes[i].dial_failed(target, self.now))
 
     def connect(self, a: int, b: int) -> None:
         ca, cb = self.next_conn, self.next_conn + 1

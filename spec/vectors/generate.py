@@ -306,6 +306,11 @@ def mail_vectors(keys) -> dict:
     control, _ = seal(keys, "mail-control", "alice", "bob", "Default", "", "", created, 3600,
                       plain_override=secral.canonical_json({**plain, "subject": "a\r\nBcc: eve"}))
     open_case("a subject with a line break", control, "bob")
+    for label, char, name in [("mail-u2028", "\u2028", "U+2028 LINE SEPARATOR"),
+                              ("mail-u0085", "\u0085", "U+0085 NEXT LINE, a C1 control")]:
+        breaker, _ = seal(keys, label, "alice", "bob", "Default", "", "", created, 3600,
+                          plain_override=secral.canonical_json({**plain, "subject": f"one{char}two"}))
+        open_case(f"a subject with {name}: it breaks lines in mail clients", breaker, "bob")
     missing, _ = seal(keys, "mail-missing", "alice", "bob", "Default", "", "", created, 3600,
                       plain_override=secral.canonical_json({k: v for k, v in plain.items() if k != "body"}))
     open_case("the sealed content has no body", missing, "bob")
@@ -346,6 +351,7 @@ def acks_vectors(keys) -> dict:
          keys["carol"].sign({**delivered, "from_key": keys["carol"].public_b64}, Script(det("a-carol", 32))), NOW),
         ("a reason over 256 characters", resign("a-reason", reason="x" * 257), NOW),
         ("a reason with a line break", resign("a-reason-ctl", reason="no_such_user\nBcc: eve"), NOW),
+        ("a reason with U+2029 PARAGRAPH SEPARATOR", resign("a-reason-u2029", reason="no\u2029such"), NOW),
         ("kind is mail", resign("a-kind", kind="mail"), NOW),
     ]
     for comment, obj, now in cases:
