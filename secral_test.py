@@ -2013,8 +2013,11 @@ def test_ctrl_c_ends_a_waiting_command_quietly_with_130(procs, tmp_path):
     nobody = f"Default@{key(35).domain}"
     for line in (["send", nobody, "-s", "x", "-b", "y", "--wait", "60"],
                  ["nis", "lookup", key(35).domain, "--timeout", "60"]):
+        # SIGINT back to its default: a test run started in the background (bash
+        # ignores SIGINT for background jobs) would otherwise pass SIG_IGN on.
         proc = subprocess.Popen([PYTHON, SCRIPT, *line, "--data-dir", A], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(1.5)                             # (the command is waiting by now)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
