@@ -56,15 +56,22 @@ Reading order (sections of this file)
     Encoding             canonical JSON, base64, frames, field checks
     Cryptography         RSA-PSS, RSA-OAEP, AES-GCM, HKDF; the only pycryptodome use
     Names and NIS        domains, addresses, NIS records
-    Protocol objects     mail, acks, hello/auth, link keys and MACs, the frame table
+    Protocol objects     mail, acks, hello/auth, link keys and MACs
     Reputation           the score table, decay and bans
-    Routing core         Node: the whole protocol, sans-IO (no sockets, no clock)
+    Routing core         Node and its engines: the whole protocol, sans-IO
+                         (no sockets, no clock, no logs), the frame table
+    ---- the protocol ends here; the program that runs it begins ----
     Stores               shelve over SQLite, durable and thread-safe
     Network shell        sockets and threads around the core
     Control interface    the local port the CLI talks to
     Mail clients         SMTP submission and POP3 on 127.0.0.1
-    Demo and benchmark   python3 secral.py demo | bench
     Command line         python3 secral.py node | send | inbox | ...
+    Tools                python3 secral.py demo | bench, and WirePeer
+
+Everything above the line is what a port must reproduce, byte for byte on
+the wire; everything below it is one way to run a node (a port may store,
+thread and present things differently, as long as it keeps the rules of
+Appendix B that make acked mail durable).
 """
 
 from __future__ import annotations
@@ -84,10 +91,12 @@ import ipaddress
 import json
 import logging
 import os
+import platform
 import random
 import re
 import secrets
 import shelve
+import shutil
 import signal
 import socket
 import socketserver
@@ -232,6 +241,12 @@ class LocalError(SecralError):
     """The local user or caller asked for something that cannot be done."""
 
 
+def local_error(exc: RemoteError) -> LocalError:
+    """A rule of the protocol broken by the local user's own input is the
+    user's error, not a peer's (the same code, a local class)."""
+    return LocalError(exc.code, exc.message)
+
+
 # =============================================================================
 # Encoding
 # =============================================================================
@@ -358,53 +373,53 @@ def encode_frame(frame: dict) -> bytes:
 # Objects are described by tables of (field, check); `check_fields` applies one.
 # A check is a function(value, what) that returns the value or raises.
 
-def is_int(value: Any, what: str) -> int:
+def check_int(value: Any, what: str) -> int:
     if type(value) is not int:          # bool is an int in Python, not on the wire
         raise RemoteError("malformed", f"{what}: expected an integer")
     return value
 
 
-def is_str(value: Any, what: str) -> str:
+def check_str(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise RemoteError("malformed", f"{what}: expected a string")
     return value
 
 
-def is_dict(value: Any, what: str) -> dict:
+def check_dict(value: Any, what: str) -> dict:
     if not isinstance(value, dict):
         raise RemoteError("malformed", f"{what}: expected an object")
     return value
 
 
-def is_list(value: Any, what: str) -> list:
+def check_list(value: Any, what: str) -> list:
     if not isinstance(value, list):
         raise RemoteError("malformed", f"{what}: expected an array")
     return value
 
 
-def is_time(value: Any, what: str) -> int:
-    if is_int(value, what) < 0:
+def check_time(value: Any, what: str) -> int:
+    if check_int(value, what) < 0:
         raise RemoteError("malformed", f"{what}: a time cannot be negative")
     return value
 
 
-def is_hops(limit: int) -> Callable[[Any, str], int]:
+def check_hops(limit: int) -> Callable[[Any, str], int]:
     def check(value: Any, what: str) -> int:
-        if not 0 <= is_int(value, what) <= limit:
+        if not 0 <= check_int(value, what) <= limit:
             raise RemoteError("bad_hops", f"{what}: {value} is outside 0..{limit}")
         return value
     return check
 
 
-def is_hex_id(value: Any, what: str) -> str:
+def check_hex_id(value: Any, what: str) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{32}", value):
         raise RemoteError("malformed", f"{what}: expected 32 lowercase hex digits")
     return value
 
 
-def is_short_text(limit: int) -> Callable[[Any, str], str]:
+def check_short_text(limit: int) -> Callable[[Any, str], str]:
     def check(value: Any, what: str) -> str:
-        if len(is_str(value, what)) > limit:
+        if len(check_str(value, what)) > limit:
             raise RemoteError("too_large", f"{what}: longer than {limit} characters")
         return value
     return check
@@ -412,7 +427,7 @@ def is_short_text(limit: int) -> Callable[[Any, str], str]:
 
 def check_fields(obj: Any, table: dict[str, Callable], what: str) -> dict:
     """Check that `obj` is an object whose fields pass `table`; extra fields are kept."""
-    is_dict(obj, what)
+    check_dict(obj, what)
     for name, check in table.items():
         if name not in obj:
             raise RemoteError("malformed", f"{what}: missing field {name!r}")
@@ -660,7 +675,7 @@ HOSTNAME_RE = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-
                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
-def is_host(value: Any, what: str) -> str | None:
+def check_host(value: Any, what: str) -> str | None:
     """null, an IPv4 or IPv6 address, or a DNS name (RFC 1123 labels)."""
     if value is None:
         return None
@@ -677,8 +692,8 @@ def is_host(value: Any, what: str) -> str | None:
 
 
 RECORD_FIELDS = {
-    "kind": is_str, "domain": check_domain, "host": is_host, "port": is_int,
-    "key": is_str, "seq": is_int, "expires": is_time, "sig": is_str,
+    "kind": check_str, "domain": check_domain, "host": check_host, "port": check_int,
+    "key": check_str, "seq": check_int, "expires": check_time, "sig": check_str,
 }
 
 
@@ -734,15 +749,15 @@ def verify_nis_answer(frame: dict, domain: str, now: int) -> dict:
 # raises RemoteError; it never needs a private key.
 
 MAIL_FIELDS = {
-    "kind": is_str, "id": is_hex_id, "from": is_str, "to": is_str, "from_key": is_str,
-    "created": is_time, "expires": is_time, "key": is_str, "nonce": is_str, "ct": is_str,
-    "sig": is_str,
+    "kind": check_str, "id": check_hex_id, "from": check_str, "to": check_str, "from_key": check_str,
+    "created": check_time, "expires": check_time, "key": check_str, "nonce": check_str, "ct": check_str,
+    "sig": check_str,
 }
 ENVELOPE_FIELDS = ("created", "expires", "from", "id", "to")    # the AAD of the ciphertext
-PLAIN_FIELDS = {"from": is_str, "to": is_str, "subject": is_str, "body": is_str}
+PLAIN_FIELDS = {"from": check_str, "to": check_str, "subject": check_str, "body": check_str}
 ACK_FIELDS = {
-    "kind": is_str, "id": is_hex_id, "from": is_str, "to": is_str, "from_key": is_str,
-    "created": is_time, "status": is_str, "reason": is_short_text(MAX_REASON), "sig": is_str,
+    "kind": check_str, "id": check_hex_id, "from": check_str, "to": check_str, "from_key": check_str,
+    "created": check_time, "status": check_str, "reason": check_short_text(MAX_REASON), "sig": check_str,
 }
 ACK_STATUSES = ("delivered", "rejected")
 
@@ -758,7 +773,7 @@ LINE_BREAKERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def check_subject(subject: Any, what: str = "subject") -> str:
-    is_str(subject, what)
+    check_str(subject, what)
     try:
         subject.encode("utf-8")
     except UnicodeEncodeError:
@@ -771,7 +786,7 @@ def check_subject(subject: Any, what: str = "subject") -> str:
 
 
 def check_body(body: Any, what: str = "body") -> str:
-    is_str(body, what)
+    check_str(body, what)
     try:
         size = len(body.encode("utf-8"))
     except UnicodeEncodeError:
@@ -848,13 +863,15 @@ def verify_mail(mail: Any, now: int, what: str = "mail") -> dict:
     return mail
 
 
-def check_lifetime(created: int, expires: int, now: int, what: str) -> None:
+def check_lifetime(created: int, expires: int, now: int, what: str) -> int:
+    """The expiry, if a lifetime is well formed and current (6.2, 7.7)."""
     if created > now + CLOCK_TOLERANCE:
         raise RemoteError("future", f"{what}: created {created - now} s in the future")
     if not created < expires <= created + MAX_TTL:
         raise RemoteError("bad_ttl", f"{what}: expires must be 1..{MAX_TTL} s after created")
     if expires <= now:
         raise RemoteError("expired", f"{what}: expired {now - expires} s ago")
+    return expires
 
 
 def open_mail(identity: Identity, mail: dict) -> dict:
@@ -940,13 +957,14 @@ def make_auth(identity: Identity, peer_record: dict, peer_nonce: str, link_secre
     return {"type": "auth", "secret": secret, "sig": signed["sig"]}
 
 
-def verify_auth(frame: dict, record: dict, own_nonce: str, own_domain: str) -> None:
+def verify_auth(frame: dict, record: dict, own_nonce: str, own_domain: str) -> dict:
     """Check the peer signed our challenge and its link secret with the key of
-    the record it presented."""
+    the record it presented.  Returns the frame."""
     b64d(frame["secret"], "auth.secret", RSA_BYTES)
     statement = {**auth_statement(own_nonce, record["domain"], own_domain, frame["secret"]),
                  "sig": frame["sig"]}
     verify_signed(statement, parse_public_key(record["key"]), "auth")
+    return frame
 
 
 def open_auth(identity: Identity, frame: dict) -> bytes:
@@ -974,8 +992,8 @@ def add_mac(key: bytes, seq: int, frame: dict) -> dict:
     return {**frame, "mac": frame_mac(key, seq, frame)}
 
 
-def check_mac(key: bytes, seq: int, frame: dict) -> None:
-    """Raise bad_mac unless `frame` carries the MAC for this key and sequence number."""
+def check_mac(key: bytes, seq: int, frame: dict) -> dict:
+    """The frame, if it carries the MAC for this key and sequence number; else bad_mac."""
     mac = frame.get("mac")
     try:
         good = (isinstance(mac, str) and mac.isascii()         # compare_digest wants ASCII
@@ -984,45 +1002,13 @@ def check_mac(key: bytes, seq: int, frame: dict) -> None:
         good = False
     if not good:
         raise RemoteError("bad_mac", f"frame {seq} on this link has no valid MAC")
+    return frame
 
 
 # -- Frames -------------------------------------------------------------------
-# PROTOCOL.md section 8.  The fields each frame type must carry, and which
-# types a connection accepts in each state of its handshake.
-
-FRAMES: dict[str, dict[str, Callable]] = {
-    "hello":      {"v": is_int, "record": is_dict, "nonce": is_str,
-                   "agent": is_short_text(MAX_AGENT)},
-    "auth":       {"secret": is_str, "sig": is_str},
-    "mail":       {"hops": is_hops(MAX_HOPS), "mail": is_dict},
-    "ack":        {"hops": is_hops(MAX_HOPS), "ack": is_dict},
-    "nis_query":  {"qid": is_hex_id, "domain": check_domain, "hops": is_hops(NIS_HOPS)},
-    "nis_answer": {"qid": is_hex_id, "record": is_dict},
-    "getpeers":   {},
-    "peers":      {"records": is_list},
-    "ping":       {},
-    "pong":       {},
-    "error":      {"code": is_short_text(MAX_ERROR_CODE), "message": is_short_text(MAX_ERROR_MESSAGE)},
-}
-
-CONNECTION_STATES: dict[str, tuple[str, ...]] = {
-    # state     frame types accepted (anything else is "not_ready")
-    "hello":    ("hello", "error"),             # waiting for the peer's hello
-    "auth":     ("auth", "error"),              # hello checked, our auth sent
-    "confirm":  ("error",),                     # listener: auth sent; any other frame with a
-                                                # valid MAC opens the link first (8.1)
-    "open":     ("mail", "ack", "nis_query", "nis_answer", "getpeers", "peers",
-                 "ping", "pong", "error"),
-}
-
-
-def verify_frame(frame: dict) -> dict:
-    """Check a decoded frame's fields against FRAMES (types and ranges only)."""
-    table = FRAMES.get(frame["type"])
-    if table is None:
-        raise RemoteError("unknown_type", f"unknown frame type {frame['type'][:40]!r}")
-    return check_fields(frame, table, frame["type"])
-
+# PROTOCOL.md section 8.  The frame types, their fields and the states that
+# accept them are one table, FRAME_TYPES, in the routing core, beside the
+# handlers it names; verify_frame checks a frame against it.
 
 def make_error(code: str, message: str, ref: str | None = None) -> dict:
     """An error frame.  Without `ref` it precedes a disconnect; with `ref` (a mail
@@ -1147,15 +1133,45 @@ class Reputation:
 # =============================================================================
 # Routing core
 # =============================================================================
-# The whole behaviour of a node, without sockets, threads or clocks (the h11
-# idea).  The network shell feeds a Node what happened -- a connection made,
-# a line received, a connection lost, a dial that failed, time passing, a
-# user's request -- and carries out the actions it returns: Send a frame,
-# Close a connection, Dial a host, and Events for logs and waiting users.
-# Stores are MutableMappings: dicts in tests, durable shelves in a node.
+# The whole behaviour of a node, without sockets, threads, clocks or logs
+# (the h11 idea).  The network shell feeds a Node what happened -- a
+# connection made, a line received, a connection lost, a dial that failed,
+# time passing, a user's request -- and carries out the actions it returns:
+# Send a frame, Close a connection, Dial a host, and Events for logs and
+# waiting users.  Stores are MutableMappings: dicts in tests, durable shelves
+# in a node.
+#
+# Node is a thin facade over five engines, one per part of the specification:
+#   Links     connections: handshake, link MACs, rate limit, timeouts (8, 9.3)
+#   Delivery  mail and acks: routing, the relay store, the seen set, retries (7)
+#   Outbox    own mail: submission, sealing, status, withdrawal (7.5)
+#   Names     the NIS map, our own record, lookups (5.3, 5.4)
+#   PeerSet   dialling, reconnect backoff, known peers, peer exchange (5.5)
+# They share the facade's list of actions, its stores and its reputation
+# table; the calls between them are listed in Node's docstring.
 
 # -- The outbox (PROTOCOL.md 7.5) --
+OUTBOX_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    # status      may become (anything else is a bug, refused by Outbox.set_status)
+    "queued":    ("sent", "delivered", "rejected", "expired", "cancelled"),
+    "sent":      ("delivered", "rejected", "expired", "cancelled"),
+    "expired":   ("delivered", "rejected"),     # a late ack is still the truth
+    "cancelled": ("delivered", "rejected"),
+    "delivered": (),
+    "rejected":  (),
+}
+OUTBOX_WAITING = ("queued", "sent")             # still routed and retried
 OUTBOX_FINAL = ("delivered", "rejected", "expired", "cancelled")   # where a waiting user stops
+
+# -- Connection states (PROTOCOL.md 8.1, 8.2) --
+CONNECTION_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    # state      may become (anything else is a bug, refused by Links.enter)
+    "hello":    ("auth", "closed"),             # waiting for the peer's hello
+    "auth":     ("confirm", "open", "closed"),  # hello checked; waiting for the peer's auth
+    "confirm":  ("open", "closed"),             # listener: auth sent; waits for a MAC'd frame
+    "open":     ("closed",),
+    "closed":   (),
+}
 
 # -- Timing and resource bounds (PROTOCOL.md sections 8 and 9) --
 HANDSHAKE_TIMEOUT = 10          # seconds from connect to both auths verified
@@ -1176,6 +1192,8 @@ SWEEP_SECONDS = 60              # how often expired objects are purged
 MAINTAIN_SECONDS = 5            # how often outbound connections are topped up
 
 
+# -- Actions: what the core asks the shell to do --------------------------------
+
 @dataclasses.dataclass(frozen=True)
 class Send:
     conn: int
@@ -1193,6 +1211,11 @@ class Dial:
     host: str
     port: int
     domain: str | None          # the node we expect there, if we know it
+
+    @property
+    def target(self) -> str:
+        """What a dial is tracked by (5.5): the domain it expects, else host:port."""
+        return self.domain or f"{self.host}:{self.port}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1227,16 +1250,57 @@ class Config:
     retry_max: int = RETRY_MAX
 
 
+# -- Small types ------------------------------------------------------------------
+
+class TokenBucket:
+    """`rate` tokens a second, up to `burst` (9.3).  The core takes one per
+    line received (a line that finds none is dropped); the shell's writer
+    reserves one per line sent and waits out any debt, to pace itself."""
+
+    def __init__(self, rate: float, burst: float, now: float):
+        self.rate, self.burst = float(rate), float(burst)
+        self.tokens, self.at = float(burst), now
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate)
+        self.at = max(now, self.at)
+
+    def take(self, now: float) -> bool:
+        """One token if there is one."""
+        self._refill(now)
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def reserve(self, now: float) -> float:
+        """One token, borrowed if need be: returns how long to wait before using it."""
+        self._refill(now)
+        self.tokens -= 1
+        return max(0.0, -self.tokens / self.rate)
+
+
+def domain_subject(domain: str) -> str:
+    """Who is scored once a peer has proven its domain (9.1)."""
+    return f"domain:{domain}"
+
+
+def ip_subject(ip: str) -> str:
+    """Who is scored before that, and for what may not be the peer's doing (9.1)."""
+    return f"ip:{ip}"
+
+
 class Peer:
     """One connection's protocol state (PROTOCOL.md 8.1)."""
 
-    def __init__(self, conn: int, ip: str, address: tuple[str, int] | None,
-                 expect: str | None, nonce: str, burst: int, now: float):
+    def __init__(self, conn: int, ip: str, dialled: Dial | None, nonce: str, bucket: TokenBucket,
+                 now: float):
         self.conn = conn
         self.ip = ip
-        self.address = address          # (host, port) we dialled; None if they dialled us
-        self.outbound = address is not None
-        self.expect = expect            # the domain we dialled, if we knew it
+        self.dialled = dialled          # the Dial that made it; None if they dialled us
+        self.outbound = dialled is not None
+        self.address = (dialled.host, dialled.port) if dialled else None
+        self.expect = dialled.domain if dialled else None   # the domain we dialled, if we knew it
         self.nonce = nonce              # our challenge, base64
         self.their_nonce = ""           # theirs, from their hello
         self.refusal = ""               # the code of an error frame they sent before closing
@@ -1252,36 +1316,34 @@ class Peer:
         self.opened = now
         self.last_rx = now
         self.pinged = now
-        self.tokens = float(burst)
-        self.tokens_at = now
+        self.bucket = bucket
         self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     @property
     def subject(self) -> str:
         """Who is scored: the domain once proven by auth, the IP address before
         (a hello alone proves nothing: an impostor must not cost its victim)."""
-        return f"domain:{self.domain}" if self.verified else f"ip:{self.ip}"
+        return domain_subject(self.domain) if self.verified else ip_subject(self.ip)
 
     @property
     def target(self) -> str | None:
-        """The key of the dial that made this connection (see Node.dialing)."""
-        if self.address is None:
-            return None
-        return self.expect or f"{self.address[0]}:{self.address[1]}"
+        """The target of the dial that made this connection (5.5)."""
+        return self.dialled.target if self.dialled else None
 
     def __repr__(self) -> str:
         return f"<Peer #{self.conn} {self.domain or self.ip} {self.state}>"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Item:
     """Something this node is trying to deliver: the routing view of an outbox
     mail, a stored relay object or one of our own acks.  The signed object
     itself stays in its store; this is the small index kept in memory."""
 
-    key: str                    # mail_key / ack_key
+    key: str                    # mail_key / ack_key (7.1)
     kind: str                   # "mail" | "ack"
-    store: str                  # "outbox" (key: the mail id) or "relay" (key: self.key)
+    mail_id: str                # the id of the mail (of the mail it answers, for an ack)
+    store: str                  # "outbox" (ref: the mail id) or "relay" (ref: the key)
     ref: str                    # the key in that store
     target: str                 # the domain it is for
     origin: str                 # the domain that signed it
@@ -1294,6 +1356,23 @@ class Item:
     source: str | None = None   # who gave it to us: rewarded when its ack proves it real
     handed: bool = False        # written to a connection of `target` itself
     offered: set = dataclasses.field(default_factory=set)   # conns that have it
+
+    @classmethod
+    def relayed(cls, key: str, kind: str, obj: dict, hops: int, expires: int, now: float,
+                own: bool = False, source: str | None = None, next_try: float | None = None) -> "Item":
+        """A held relay-store object: a mail goes from origin to target, an ack back."""
+        origin, target = parse_address(obj["from"]).domain, parse_address(obj["to"]).domain
+        return cls(key=key, kind=kind, mail_id=obj["id"], store="relay", ref=key, target=target,
+                   origin=origin, expires=expires, size=len(canonical_json(obj)), hops=hops, own=own,
+                   next_try=now if next_try is None else next_try, source=source)
+
+    @classmethod
+    def outbox(cls, mail: dict, expires: int, now: float) -> "Item":
+        """An own mail, sealed, from the outbox."""
+        sender, target = parse_address(mail["from"]).domain, parse_address(mail["to"]).domain
+        return cls(key=mail_key(sender, mail["id"]), kind="mail", mail_id=mail["id"], store="outbox",
+                   ref=mail["id"], target=target, origin=sender, expires=expires,
+                   size=len(canonical_json(mail)), hops=MAX_HOPS, own=True, next_try=now)
 
     @property
     def settled(self) -> bool:
@@ -1313,6 +1392,35 @@ class Query:
     answered: bool = False
 
 
+class RelayQuota:
+    """What the relay store holds, in total and per origin domain (7.6)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.items = 0
+        self.bytes = 0
+        self.by_origin: dict[str, list[int]] = {}   # origin -> [items, bytes]
+
+    def count(self, item: Item, sign: int) -> None:
+        self.items += sign
+        self.bytes += sign * item.size
+        used = self.by_origin.setdefault(item.origin, [0, 0])
+        used[0] += sign
+        used[1] += sign * item.size
+        if used == [0, 0]:
+            del self.by_origin[item.origin]
+
+    def refusal(self, origin: str, size: int) -> str | None:
+        """Why an object of `size` bytes from `origin` would be over quota, or None."""
+        c = self.config
+        if self.items >= c.relay_max_items or self.bytes + size > c.relay_max_bytes:
+            return "the relay store is full"
+        items, used = self.by_origin.get(origin, (0, 0))
+        if items >= c.origin_max_items or used + size > c.origin_max_bytes:
+            return f"the relay store is full for mail from {origin}"
+        return None
+
+
 def forgery_event(exc: RemoteError) -> str:
     """A record whose signature, key or domain is wrong was forged; one that
     is merely stale or malformed is scored as what it is (9.1)."""
@@ -1323,385 +1431,268 @@ def backoff(tries: int, first: float, cap: float) -> float:
     return min(cap, first * 2 ** min(tries, 20))
 
 
-class Node:
-    """A Secral node's protocol engine (PROTOCOL.md sections 7-9).
+class Links:
+    """Connections (PROTOCOL.md 8 and 9.3): admission, the handshake, link
+    MACs, the rate limit, keepalive and timeouts, scoring and bans.  Frames
+    that pass are handed to the engine named in FRAME_TYPES."""
 
-    Inputs (each takes `now`, Unix seconds as a float, and returns a list of
-    actions): connection_made, line_received, line_too_long, connection_lost,
-    dial_failed, tick, submit, lookup, transmit, close_all.
-
-    Events: peer_open, peer_closed, mail_received, mail_status (an outbox
-    status changed), nis_result, banned, refused (a peer refused an object).
-    """
-
-    def __init__(self, identity: Identity, stores: "Stores", config: Config | None = None,
-                 now: float | None = None, rng: Rng = os.urandom):
-        now = time.time() if now is None else now
-        self.identity = identity
-        self.domain = identity.domain
-        self.stores = stores
-        self.config = config or Config()
-        self.rng = rng
+    def __init__(self, node: "Node"):
+        self.node = node
         self.peers: dict[int, Peer] = {}        # every connection, by the shell's handle
         self.open: dict[str, Peer] = {}         # connections past the handshake, by domain
-        self.reputation = Reputation(stores.reputation)
-        self.items: dict[str, Item] = {}        # what we are delivering, by key
-        self.items_for: dict[str, set[str]] = collections.defaultdict(set)  # target -> keys
-        self.items_by_id: dict[str, set[str]] = collections.defaultdict(set)  # mail id -> keys
-        self.relay_usage: collections.Counter = collections.Counter()   # quota counters
-        self.seen: dict[str, int] = dict(stores.seen.items())   # key -> expires
-        self.seen_changed: set[str] = set()     # saved with the next flush
-        self.nis_expiry = {d: r["expires"] for d, r in stores.nis.items()  # bounds the map
-                           if d != identity.domain}
-        self.queries: dict[str, Query] = {}
-        self.seen_queries: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.dialing: dict[str, float] = {}     # dial target -> since
-        self.dial_backoff: dict[str, tuple[int, float]] = {}   # target -> (failures, next)
-        self.waiting_key: dict[str, set[str]] = collections.defaultdict(set)  # domain -> outbox ids
-        self.next_sweep = now
-        self.next_maintain = now
-        self.next_flush = now + REPUTATION_FLUSH
-        self._actions: list[Action] = []
-        if DEFAULT_USER.lower() not in stores.users:
-            stores.users[DEFAULT_USER.lower()] = {"name": DEFAULT_USER, "created": int(now)}
-        self._load_items(now)
-        self.refresh_record(now)
 
-    # -- small helpers ------------------------------------------------------
+    # -- sending and closing ------------------------------------------------------
 
-    def _take(self) -> list[Action]:
-        actions, self._actions = self._actions, []
-        return actions
-
-    def _send(self, peer: Peer, frame: dict) -> None:
+    def send(self, peer: Peer, frame: dict) -> None:
         """Queue a frame; once the link has keys, with its MAC (8.4)."""
         if peer.tx_key is not None:
             frame = add_mac(peer.tx_key, peer.tx_seq, frame)
             peer.tx_seq += 1
-        self._actions.append(Send(peer.conn, frame))
+        self.node.act(Send(peer.conn, frame))
 
-    def transmit(self, conn: int, frame: dict) -> list[Action]:
-        """Send any frame on a connection, MAC'd like our own (for tools and tests)."""
-        peer = self.peers.get(conn)
-        if peer is not None:
-            self._send(peer, frame)
-        return self._take()
-
-    def _event(self, name: str, **data: Any) -> None:
-        self._actions.append(Event(name, data))
-
-    def _close(self, peer: Peer, code: str, message: str, now: float) -> None:
+    def close(self, peer: Peer, code: str, message: str, now: float) -> None:
         """Say why, then hang up (an error frame without ref precedes a close)."""
         if peer.state == "closed":
             return
-        self._send(peer, make_error(code, message))
-        self._actions.append(Close(peer.conn, code))
-        self._drop_peer(peer, code, now)
+        self.send(peer, make_error(code, message))
+        self.node.act(Close(peer.conn, code))
+        self.drop(peer, code, now)
 
-    def score(self, domain: str, now: float) -> int:
-        return self.reputation.score(f"domain:{domain}", int(now))
+    def enter(self, peer: Peer, state: str) -> None:
+        """The one place a connection changes state (CONNECTION_TRANSITIONS)."""
+        if state not in CONNECTION_TRANSITIONS[peer.state]:
+            raise LocalError("refused", f"connection #{peer.conn}: no move from {peer.state} to {state}")
+        peer.state = state
 
     def open_peers(self, now: float, exclude: Peer | None = None) -> list[Peer]:
-        """Open peers, higher reputation first (DESIGN 7: prefer better peers)."""
+        """Open peers, higher reputation first (7.2: better peers first)."""
         peers = [p for p in self.open.values() if p is not exclude]
-        peers.sort(key=lambda p: (-self.score(p.domain, now), p.conn))
+        peers.sort(key=lambda p: (-self.node.score(p.domain, now), p.conn))
         return peers
 
-    # -- our NIS record -------------------------------------------------------
+    # -- connections coming and going ------------------------------------------
 
-    @property
-    def record(self) -> dict:
-        return self.stores.nis[self.domain]
-
-    def refresh_record(self, now: float) -> bool:
-        """Re-sign our record when its host/port changed or it nears expiry (5.3)."""
-        old = self.stores.nis.get(self.domain)
-        host = self.config.host
-        port = self.config.port if host is not None else 0     # (the rule of make_record)
-        if (old is not None and old["host"] == host and old["port"] == port
-                and old["expires"] - now > RECORD_REFRESH):
-            return False
-        seq = max(int(now), old["seq"] + 1 if old else 0)
-        record = make_record(self.identity, host, port, seq, int(now) + RECORD_LIFETIME, self.rng)
-        self.stores.nis[self.domain] = record
-        for peer in self.open.values():
-            self._send(peer, {"type": "peers", "records": [record]})
-        return True
-
-    def known_record(self, domain: str, now: float) -> dict | None:
-        record = self.stores.nis.get(domain)
-        if record is None or record["expires"] <= now:
-            return None
-        return record
-
-    def learn_record(self, record: dict, now: float) -> bool:
-        """Keep a verified record if it is newer than ours for that domain."""
-        domain = record["domain"]
-        if domain == self.domain or not record_supersedes(record, self.stores.nis.get(domain)):
-            return False
-        self.stores.nis[domain] = record
-        self.nis_expiry[domain] = record["expires"]
-        if len(self.nis_expiry) > MAX_NIS_RECORDS:
-            # The soonest to expire goes, unless we need it: a peer's, or that of
-            # a node we hold something for or wait to write to (5.3).
-            keep = {domain, *self.open, *self.items_for, *self.waiting_key}
-            victims = [d for d in self.nis_expiry if d not in keep]
-            if victims:
-                victim = min(victims, key=self.nis_expiry.get)
-                del self.nis_expiry[victim], self.stores.nis[victim]
-        if record["host"] is not None:
-            known = self.stores.peers.get(domain, {"fails": 0, "next": 0, "seen": 0})
-            self._remember_peer(domain, {**known, "host": record["host"], "port": record["port"]})
-        for outbox_id in self.waiting_key.pop(domain, ()):
-            self._seal_waiting(outbox_id, now)
-        return True
-
-    def _remember_peer(self, domain: str, entry: dict) -> None:
-        """Keep an address for reconnecting, within MAX_KNOWN_PEERS: the entry
-        with most failures, then least recently seen, makes room (5.5)."""
-        self.stores.peers[domain] = entry
-        if len(self.stores.peers) > MAX_KNOWN_PEERS:
-            candidates = [(d, e) for d, e in self.stores.peers.items() if d not in self.open and d != domain]
-            if candidates:
-                worst = max(candidates, key=lambda kv: (kv[1].get("fails", 0), -kv[1].get("seen", 0)))
-                del self.stores.peers[worst[0]]
-
-    # -- connections ----------------------------------------------------------
-
-    def connection_made(self, conn: int, ip: str, now: float,
-                        dialled: Dial | None = None) -> list[Action]:
-        """A TCP connection is up (8.1): send hello, or refuse a banned or excess peer.
-        `dialled` is the Dial action that made it, None for an inbound connection."""
-        nonce = self.rng(HELLO_NONCE)
-        address = (dialled.host, dialled.port) if dialled else None
-        peer = Peer(conn, ip, address, dialled.domain if dialled else None, b64e(nonce),
-                    self.config.burst, now)
+    def connection_made(self, conn: int, ip: str, now: float, dialled: Dial | None) -> None:
+        """A TCP connection is up (8.1): send hello, or refuse a banned or excess peer."""
+        nonce = self.node.rng(HELLO_NONCE)
+        peer = Peer(conn, ip, dialled, b64e(nonce), TokenBucket(self.node.config.rate,
+                                                                self.node.config.burst, now), now)
         self.peers[conn] = peer
         if dialled is not None:
-            self.dialing.pop(peer.target, None)
-        if self.reputation.banned(f"ip:{ip}", int(now)):
-            self._close(peer, "banned", "this address is banned", now)
-            return self._take()
+            self.node.peerset.dial_answered(dialled)
+        if self.node.reputation.banned(ip_subject(ip), int(now)):
+            self.close(peer, "banned", "this address is banned", now)
+            return
         if dialled is None:
             inbound = [p for p in self.peers.values() if not p.outbound and p is not peer]
-            if sum(p.ip == ip for p in inbound) >= self.config.max_inbound_per_ip:
-                self._close(peer, "busy", "too many connections from this address", now)
-                return self._take()
-            if len(inbound) >= self.config.max_inbound:
-                self._evict_inbound(peer, inbound, now)
+            if sum(p.ip == ip for p in inbound) >= self.node.config.max_inbound_per_ip:
+                self.close(peer, "busy", "too many connections from this address", now)
+                return
+            if len(inbound) >= self.node.config.max_inbound:
+                self.evict_inbound(peer, inbound, now)
                 if peer.state == "closed":
-                    return self._take()
-        self._send(peer, make_hello(self.record, nonce))
-        return self._take()
+                    return
+        self.send(peer, make_hello(self.node.names.record, nonce))
 
-    def _evict_inbound(self, newcomer: Peer, inbound: list[Peer], now: float) -> None:
-        """Make room: the oldest unfinished handshake goes first, then the worst
-        peer with a negative score; failing both, the newcomer is refused."""
+    def evict_inbound(self, newcomer: Peer, inbound: list[Peer], now: float) -> None:
+        """Make room (9.3): the oldest unfinished handshake goes first, then the
+        worst peer with a negative score; failing both, the newcomer is refused."""
         pending = [p for p in inbound if p.state != "open"]
         if pending:
-            self._close(min(pending, key=lambda p: p.opened), "busy", "evicted to make room", now)
+            self.close(min(pending, key=lambda p: p.opened), "busy", "evicted to make room", now)
             return
-        worst = min(inbound, key=lambda p: self.score(p.domain, now))
-        if self.score(worst.domain, now) < 0:
-            self._close(worst, "busy", "evicted to make room for a better peer", now)
+        worst = min(inbound, key=lambda p: self.node.score(p.domain, now))
+        if self.node.score(worst.domain, now) < 0:
+            self.close(worst, "busy", "evicted to make room for a better peer", now)
         else:
-            self._close(newcomer, "busy", "too many connections", now)
+            self.close(newcomer, "busy", "too many connections", now)
 
-    def connection_lost(self, conn: int, now: float) -> list[Action]:
-        peer = self.peers.get(conn)
-        if peer is not None:
-            self._drop_peer(peer, "closed", now)
-        return self._take()
-
-    def _drop_peer(self, peer: Peer, reason: str, now: float) -> None:
+    def drop(self, peer: Peer, reason: str, now: float) -> None:
+        """The connection is gone: forget it, and tell the engines that care."""
         if peer.state == "closed":
             return
         was_open = peer.state == "open"
-        peer.state = "closed"
+        self.enter(peer, "closed")
         self.peers.pop(peer.conn, None)
         if was_open and self.open.get(peer.domain) is peer:
             del self.open[peer.domain]
-            self._event("peer_closed", domain=peer.domain, conn=peer.conn, reason=reason)
-        elif not was_open and peer.outbound and not {reason, peer.refusal} & {"duplicate_connection", "shutdown"}:
-            self._dial_failed(peer.target, now)
-        for item in self.items.values():
-            item.offered.discard(peer.conn)
-        for query in self.queries.values():
-            query.asked.discard(peer.conn)
+            self.node.event("peer_closed", domain=peer.domain, conn=peer.conn, reason=reason)
+        elif not was_open and peer.outbound and not {reason, peer.refusal} & {"duplicate_connection",
+                                                                              "shutdown"}:
+            self.node.peerset.dial_failed(peer.dialled, now)
+        self.node.delivery.connection_gone(peer.conn)
+        self.node.names.connection_gone(peer.conn)
 
-    def line_too_long(self, conn: int, now: float) -> list[Action]:
+    # -- lines in (8.2) -----------------------------------------------------------
+
+    def line_received(self, conn: int, line: bytes, now: float, arrived: float) -> None:
+        """One line: activity, the rate limit, then unwrap and dispatch (8.2)."""
+        peer = self.peers.get(conn)
+        if peer is None or peer.state == "closed":
+            return
+        peer.last_rx = now
+        if not peer.bucket.take(arrived):
+            if peer.rx_key is not None:
+                peer.rx_seq += 1                # dropped unread, but it used its number (8.4)
+            self.misbehaved(peer, "rate_exceeded", "frames faster than the rate limit", now,
+                            disconnect=peer.state != "open")
+            return
+        try:
+            frame = self.unwrap(peer, line, now)
+            if frame is not None:
+                self.dispatch(peer, frame, now)
+        except RemoteError as exc:
+            # Before the handshake there is nothing to talk about: any error ends it.
+            self.misbehaved(peer, exc.code, exc.message, now, disconnect=peer.state != "open")
+
+    def unwrap(self, peer: Peer, line: bytes, now: float) -> dict | None:
+        """Decode a line, check its MAC on a link with keys (8.4) and its type and
+        fields (8.2).  None: the line was dealt with here (a MAC failure, the
+        dialler's goodbye, or a confirming frame that closed a duplicate)."""
+        if peer.rx_key is None:
+            return verify_frame(decode_frame(line))
+        try:                                    # on a link with keys only MAC'd frames count
+            frame = decode_frame(line)
+            if peer.state == "confirm" and frame.get("type") == "error" and "mac" not in frame:
+                # A dialler that gives up before it has the keys cannot MAC its goodbye.
+                self.handle_error(peer, verify_frame(frame), now)
+                return None
+            check_mac(peer.rx_key, peer.rx_seq, frame)
+        except RemoteError as exc:
+            self.misbehaved(peer, "bad_mac", exc.message, now, code="bad_mac", subject=ip_subject(peer.ip))
+            return None
+        peer.rx_seq += 1
+        frame = verify_frame(frame)
+        if peer.state == "confirm" and frame["type"] not in ("hello", "auth", "error"):
+            self.open_link(peer, now)           # the dialler's first MAC'd frame (8.1)
+            if peer.state != "open":
+                return None
+        return frame
+
+    def dispatch(self, peer: Peer, frame: dict, now: float) -> None:
+        """Hand a checked frame to its handler, if this state accepts it (8.2)."""
+        if peer.state not in FRAME_TYPES[frame["type"]].states:
+            raise RemoteError("not_ready", f"{frame['type']} before the handshake is complete")
+        self.node.handlers[frame["type"]](peer, frame, now)
+
+    def line_too_long(self, conn: int, now: float) -> None:
         """The shell read MAX_LINE bytes without a newline (3.1)."""
         peer = self.peers.get(conn)
         if peer is not None:
-            self._misbehaved(peer, "oversize_line", f"a line longer than {MAX_LINE} bytes", now,
-                             code="too_large")
-        return self._take()
+            self.misbehaved(peer, "oversize_line", f"a line longer than {MAX_LINE} bytes", now,
+                            code="too_large")
 
-    def line_received(self, conn: int, line: bytes, now: float,
-                      arrived: float | None = None) -> list[Action]:
-        """One line from a peer: rate-limit, decode, check, dispatch (8.2).
-        `arrived` is when the line came off the socket: the rate limit judges
-        the peer by its sending, not by how late we got round to reading."""
-        peer = self.peers.get(conn)
-        if peer is None or peer.state == "closed":
-            return []
-        peer.last_rx = now
-        if not self._take_token(peer, now if arrived is None else arrived):
-            if peer.rx_key is not None:
-                peer.rx_seq += 1                # dropped unread, but it used its number (8.4)
-            self._misbehaved(peer, "rate_exceeded", "frames faster than the rate limit", now,
-                             disconnect=peer.state != "open")
-            return self._take()
-        try:
-            if peer.rx_key is not None:
-                try:                            # on an open link only MAC'd frames count (8.4)
-                    frame = decode_frame(line)
-                    if peer.state == "confirm" and frame.get("type") == "error" and "mac" not in frame:
-                        # A dialler that gives up before it has the keys cannot MAC its goodbye.
-                        self.handle_error(peer, verify_frame(frame), now)
-                        return self._take()
-                    check_mac(peer.rx_key, peer.rx_seq, frame)
-                except RemoteError as exc:
-                    self._misbehaved(peer, "bad_mac", exc.message, now, code="bad_mac",
-                                     subject=f"ip:{peer.ip}")
-                    return self._take()
-                peer.rx_seq += 1
-                frame = verify_frame(frame)
-                if peer.state == "confirm" and frame["type"] not in ("hello", "auth", "error"):
-                    self._open(peer, now)       # the dialler's first MAC'd frame (8.1)
-                    if peer.state != "open":
-                        return self._take()
-            else:
-                frame = verify_frame(decode_frame(line))
-            if frame["type"] not in CONNECTION_STATES[peer.state]:
-                raise RemoteError("not_ready", f"{frame['type']} before the handshake is complete")
-            getattr(self, f"handle_{frame['type']}")(peer, frame, now)
-        except RemoteError as exc:
-            # Before the handshake there is nothing to talk about: any error ends it.
-            self._misbehaved(peer, exc.code, exc.message, now, disconnect=peer.state != "open")
-        return self._take()
+    # -- scores and bans (9.1, 9.2) -------------------------------------------------
 
-    def _take_token(self, peer: Peer, now: float) -> bool:
-        """Token bucket (9.3): `rate` frames per second after a `burst`."""
-        elapsed = max(0.0, now - peer.tokens_at)
-        peer.tokens = min(self.config.burst, peer.tokens + elapsed * self.config.rate)
-        peer.tokens_at = max(now, peer.tokens_at)
-        if peer.tokens < 1:
-            return False
-        peer.tokens -= 1
-        return True
-
-    def _misbehaved(self, peer: Peer, event: str, message: str, now: float, code: str | None = None,
-                    disconnect: bool = False, subject: str | None = None) -> None:
+    def misbehaved(self, peer: Peer, event: str, message: str, now: float, code: str | None = None,
+                   disconnect: bool = False, subject: str | None = None) -> None:
         """Score a misbehaviour (9.1) and disconnect where the table says so (or
         `disconnect` does); `code` is what the error frame says (default: the
         event); `subject` is who pays (default: the peer)."""
         change, always = REPUTATION_EVENTS.get(event, (0, True))
         disconnect = disconnect or always
         subject = subject or peer.subject
-        score = self.reputation.change(subject, change, int(now)) if change else 0
-        log.info("peer %s: %s (%s) -> score %d", peer.domain or peer.ip, event, message, score)
+        score = self.node.reputation.change(subject, change, int(now)) if change else 0
+        self.node.event("misbehaved", domain=peer.domain, ip=peer.ip, event=event, message=message,
+                        score=score)
         if score <= SCORE_MIN:
-            self._ban(peer, now, subject)
+            self.ban(peer, now, subject)
         elif disconnect:
-            self._close(peer, code or (event if event in ERROR_CODES else "malformed"), message, now)
+            self.close(peer, code or (event if event in ERROR_CODES else "malformed"), message, now)
 
-    def _reward(self, peer: Peer, event: str, now: float) -> None:
-        self.reputation.change(peer.subject, REPUTATION_EVENTS[event][0], int(now))
+    def reward(self, peer: Peer, event: str, now: float) -> None:
+        self.node.reputation.change(peer.subject, REPUTATION_EVENTS[event][0], int(now))
 
-    def _ban(self, peer: Peer, now: float, subject: str) -> None:
+    def ban(self, peer: Peer, now: float, subject: str) -> None:
         """Ban the peer's domain and address (9.2).  Unfinished handshakes from
         that address end too; other nodes already proven behind it stay."""
-        until = self.reputation.ban(subject, int(now))
-        if subject != f"ip:{peer.ip}":
-            self.reputation.ban(f"ip:{peer.ip}", int(now))
+        until = self.node.reputation.ban(subject, int(now))
+        if subject != ip_subject(peer.ip):
+            self.node.reputation.ban(ip_subject(peer.ip), int(now))
         for other in list(self.peers.values()):
             if other is not peer and other.ip == peer.ip and not other.verified:
-                self._close(other, "banned", "this address is banned", now)
-        self._event("banned", domain=peer.domain, ip=peer.ip, until=until)
-        self._close(peer, "banned", f"reputation reached {SCORE_MIN}; banned until "
-                    f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))}", now)
+                self.close(other, "banned", "this address is banned", now)
+        self.node.event("banned", domain=peer.domain, ip=peer.ip, until=until)
+        self.close(peer, "banned", f"reputation reached {SCORE_MIN}; banned for {until - int(now)} s", now)
 
-    # -- handshake (PROTOCOL.md 8.1) ------------------------------------------
+    # -- the handshake (8.1) --------------------------------------------------------
 
     def handle_hello(self, peer: Peer, frame: dict, now: float) -> None:
         if frame["v"] != PROTOCOL_VERSION:
-            self._close(peer, "version", f"this node speaks v{PROTOCOL_VERSION}", now)
+            self.close(peer, "version", f"this node speaks v{PROTOCOL_VERSION}", now)
             return
         b64d(frame["nonce"], "hello.nonce", HELLO_NONCE)
         record = verify_record(frame["record"], int(now), "hello.record")
         domain = record["domain"]
-        if domain == self.domain:
-            self._close(peer, "self_connection", "this is my own address", now)
+        if domain == self.node.domain:
+            self.close(peer, "self_connection", "this is my own address", now)
             return
         if peer.expect is not None and domain != peer.expect:
-            self._close(peer, "wrong_peer", f"dialled {peer.expect}, found {domain}", now)
+            self.close(peer, "wrong_peer", f"dialled {peer.expect}, found {domain}", now)
             return
-        if (self.reputation.banned(f"domain:{domain}", int(now))
-                or self.reputation.banned(f"ip:{peer.ip}", int(now))):
-            self._close(peer, "banned", f"{domain} or its address is banned", now)
+        if (self.node.reputation.banned(domain_subject(domain), int(now))
+                or self.node.reputation.banned(ip_subject(peer.ip), int(now))):
+            self.close(peer, "banned", f"{domain} or its address is banned", now)
             return
-        peer.record, peer.domain, peer.state = record, domain, "auth"
+        peer.record, peer.domain = record, domain
+        self.enter(peer, "auth")
         peer.their_nonce = frame["nonce"]
         if peer.outbound:
             # The dialler proves itself first; the listener signs only for a peer
             # that has (8.1), so a replayed public record costs us no signature.
-            peer.secret = self.rng(LINK_SECRET)
-            self._send(peer, make_auth(self.identity, record, peer.their_nonce, peer.secret, self.rng))
+            peer.secret = self.node.rng(LINK_SECRET)
+            self.send(peer, make_auth(self.node.identity, record, peer.their_nonce, peer.secret,
+                                      self.node.rng))
 
     def handle_auth(self, peer: Peer, frame: dict, now: float) -> None:
         """The peer's auth (8.1).  The dialler opens the link on the listener's
         auth.  The listener answers with its own and waits in "confirm" for the
         dialler's first MAC'd frame: proof that whoever is at the other end
         holds the link keys, and is not relaying someone else's auth."""
-        verify_auth(frame, peer.record, peer.nonce, self.domain)
-        their_secret = open_auth(self.identity, frame)
+        verify_auth(frame, peer.record, peer.nonce, self.node.domain)
+        their_secret = open_auth(self.node.identity, frame)
         peer.verified = True
         if peer.outbound:
             keys = link_keys(peer.secret, their_secret, peer.nonce, peer.their_nonce)
         else:
-            peer.secret = self.rng(LINK_SECRET)
-            self._send(peer, make_auth(self.identity, peer.record, peer.their_nonce, peer.secret, self.rng))
+            peer.secret = self.node.rng(LINK_SECRET)
+            self.send(peer, make_auth(self.node.identity, peer.record, peer.their_nonce, peer.secret,
+                                      self.node.rng))
             keys = link_keys(their_secret, peer.secret, peer.their_nonce, peer.nonce)[::-1]
         peer.tx_key, peer.rx_key = keys         # every frame from here on carries a MAC (8.4)
         if peer.outbound:
-            self._open(peer, now)
+            self.open_link(peer, now)
         else:
-            peer.state = "confirm"
+            self.enter(peer, "confirm")
 
-    def _open(self, peer: Peer, now: float) -> None:
+    def open_link(self, peer: Peer, now: float) -> None:
         """The link is proven: resolve a duplicate, then start talking (8.1)."""
-        if peer.outbound:                       # an address that works: remember it (5.5),
-            self.dial_backoff.pop(peer.target, None)   # even if this link loses to a duplicate
-            host, port = peer.address
-            self._remember_peer(peer.domain, {"host": host, "port": port, "fails": 0,
-                                              "next": 0, "seen": int(now)})
+        if peer.outbound:                       # an address that works, even if this link
+            self.node.peerset.dial_worked(peer, now)   # loses to a duplicate (5.5)
         existing = self.open.get(peer.domain)
         if existing is not None:
             # Both dialled at once: keep the connection dialled by the smaller
             # domain; if one side dialled both, the newer one.
-            keep_new = self._dialler(peer) <= self._dialler(existing)
-            if not keep_new:
-                self._close(peer, "duplicate_connection", "already connected", now)
+            if self.dialler(peer) > self.dialler(existing):
+                self.close(peer, "duplicate_connection", "already connected", now)
                 return
-            self._close(existing, "duplicate_connection", "replaced by a newer connection", now)
-        peer.state = "open"
+            self.close(existing, "duplicate_connection", "replaced by a newer connection", now)
+        self.enter(peer, "open")
         self.open[peer.domain] = peer
-        self.learn_record(peer.record, now)
-        self._event("peer_open", domain=peer.domain, conn=peer.conn, ip=peer.ip,
-                    outbound=peer.outbound)
-        self._send(peer, {"type": "getpeers"})
-        self._flush_to(peer, now)
-        for domain in [d for d, ids in self.waiting_key.items() if ids]:
-            self._ask(domain, now)              # a new peer may know the keys mail waits for (5.4)
+        self.node.names.learn_record(peer.record, now)
+        self.node.event("peer_open", domain=peer.domain, conn=peer.conn, ip=peer.ip,
+                        outbound=peer.outbound)
+        self.send(peer, {"type": "getpeers"})
+        self.node.delivery.peer_opened(peer, now)
+        self.node.outbox.peer_opened(now)
 
-    def _dialler(self, peer: Peer) -> str:
-        return self.domain if peer.outbound else peer.domain
+    def dialler(self, peer: Peer) -> str:
+        return self.node.domain if peer.outbound else peer.domain
 
-    # -- keepalive and errors -------------------------------------------------
+    # -- keepalive and errors (8.3, 9.4) -----------------------------------------
 
     def handle_ping(self, peer: Peer, frame: dict, now: float) -> None:
-        self._send(peer, {"type": "pong"})
+        self.send(peer, {"type": "pong"})
 
     def handle_pong(self, peer: Peer, frame: dict, now: float) -> None:
         pass                                    # last_rx was updated on receipt
@@ -1710,125 +1701,208 @@ class Node:
         """A peer explains a refusal.  With ref it refused one object: forget
         that it has it, so a later retry offers it again (9.4)."""
         ref = frame.get("ref")
-        log.info("peer %s says %s: %s", peer.domain or peer.ip, frame["code"], frame["message"])
+        self.node.event("peer_error", domain=peer.domain, ip=peer.ip, code=frame["code"],
+                        message=frame["message"], ref=ref)
         if ref is not None:
-            is_hex_id(ref, "error.ref")
-            for key in self.items_by_id.get(ref, ()):
-                self.items[key].offered.discard(peer.conn)   # only affects this connection
-            self._event("refused", domain=peer.domain, code=frame["code"], ref=ref)
+            check_hex_id(ref, "error.ref")
+            self.node.delivery.refused(peer, ref)
+            self.node.event("refused", domain=peer.domain, code=frame["code"], ref=ref)
         else:
             peer.refusal = frame["code"]        # the reason for the close that follows
 
-    # -- mail and acks (PROTOCOL.md 7) ------------------------------------------
+    def tick(self, now: float) -> None:
+        """Handshake and idle timeouts, and pings on quiet links (8.1, 8.3)."""
+        for peer in list(self.peers.values()):
+            if peer.state != "open" and now - peer.opened > HANDSHAKE_TIMEOUT:
+                self.close(peer, "timeout", f"no handshake within {HANDSHAKE_TIMEOUT} s", now)
+            elif peer.state == "open" and now - peer.last_rx > IDLE_TIMEOUT:
+                self.close(peer, "timeout", f"silent for {IDLE_TIMEOUT} s", now)
+            elif peer.state == "open" and now - max(peer.last_rx, peer.pinged) > PING_INTERVAL:
+                peer.pinged = now
+                self.send(peer, {"type": "ping"})
+
+
+class Delivery:
+    """Mail and acks (PROTOCOL.md 7): what this node holds and routes -- its
+    outbox, its own acks, the relay store -- with the seen set, the quotas,
+    retries and expiry, and the recipient's store-then-ack."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+        self.stores = node.stores
+        self.items: dict[str, Item] = {}        # what we are delivering, by key
+        self.items_for: dict[str, set[str]] = collections.defaultdict(set)     # target -> keys
+        self.items_by_id: dict[str, set[str]] = collections.defaultdict(set)   # mail id -> keys
+        self.quota = RelayQuota(node.config)
+        self.seen: dict[str, int] = dict(self.stores.seen.items())   # key -> expires
+        self.seen_changed: set[str] = set()     # saved with the next flush
+
+    @property
+    def links(self) -> Links:
+        return self.node.links
+
+    # -- the index of held objects ------------------------------------------------
+
+    def add(self, item: Item) -> None:
+        old = self.items.get(item.key)
+        if old is not None:                     # replaced, never counted twice
+            self.unindex(old)
+        self.items[item.key] = item
+        self.items_for[item.target].add(item.key)
+        self.items_by_id[item.mail_id].add(item.key)
+        if item.store == "relay":
+            self.quota.count(item, +1)
+
+    def forget(self, item: Item) -> None:
+        if self.items.get(item.key) is not item:
+            return
+        del self.items[item.key]
+        self.unindex(item)
+        if item.store == "relay":
+            self.stores.relay.pop(item.ref, None)
+
+    def unindex(self, item: Item) -> None:
+        self.items_for[item.target].discard(item.key)
+        if not self.items_for[item.target]:
+            del self.items_for[item.target]
+        self.items_by_id[item.mail_id].discard(item.key)
+        if not self.items_by_id[item.mail_id]:
+            del self.items_by_id[item.mail_id]
+        if item.store == "relay":
+            self.quota.count(item, -1)
+
+    def load(self, now: float) -> None:
+        """Rebuild the index from the durable stores after a start."""
+        for key, entry in self.stores.relay.items():
+            obj = entry["obj"]
+            self.add(Item.relayed(key, entry["kind"], obj, entry["hops"], entry["expires"], now,
+                                  own=parse_address(obj["from"]).domain == self.node.domain))
+
+    def held_object(self, item: Item) -> dict | None:
+        entry = getattr(self.stores, item.store).get(item.ref)
+        if entry is None:
+            return None
+        return entry["mail"] if item.store == "outbox" else entry["obj"]
+
+    def domains_needed(self) -> set[str]:
+        """Domains whose records must stay in the NIS map: we hold something for
+        them, or a mail waits for their key (5.3)."""
+        return {*self.items_for, *self.node.outbox.waiting_key}
+
+    # -- receiving mail and acks (7.2, 7.3) ------------------------------------------
 
     def handle_mail(self, peer: Peer, frame: dict, now: float) -> None:
         mail = verify_mail(frame["mail"], int(now), "mail.mail")
         sender = parse_address(mail["from"]).domain
         recipient = parse_address(mail["to"]).domain
         key = mail_key(sender, mail["id"])
-        if self._repeated(peer, key, now):
+        if self.repeated(peer, key, now):
             return
-        if sender == self.domain:               # our own mail, back from a flood
-            self._mark_has(key, peer)
+        if sender == self.node.domain:          # our own mail, back from a flood
+            self.mark_has(key, peer)
             return
-        if recipient == self.domain:
-            self._deliver_local(mail, key, peer, now)
+        if recipient == self.node.domain:
+            self.deliver_local(mail, key, peer, now)
             return
         acked = self.items.get(ack_key(sender, mail["id"], recipient))
         if acked is not None:                   # already answered: tell the asker
-            self._offer(acked, peer, now, follow=True)
+            self.offer(acked, peer, now, follow=True)
             return
-        if self._seen_before(key, peer, frame["hops"], now):
+        if self.seen_before(key, peer, frame["hops"], now):
             return
-        self._accept(peer, "mail", key, mail, sender, recipient, mail["expires"],
-                     frame["hops"], now)
+        self.accept(peer, "mail", key, mail, mail["expires"], frame["hops"], now)
 
     def handle_ack(self, peer: Peer, frame: dict, now: float) -> None:
         ack = verify_ack(frame["ack"], int(now), "ack.ack")
         recipient = parse_address(ack["from"]).domain
         sender = parse_address(ack["to"]).domain
         key = ack_key(sender, ack["id"], recipient)
-        if self._repeated(peer, key, now):
-            return
-        if self._seen_before(key, peer, frame["hops"], now):
+        if self.repeated(peer, key, now) or self.seen_before(key, peer, frame["hops"], now):
             return
         expires = int(ack["created"]) + ack_lifetime()
-        if sender == self.domain:
-            mine = self.items.get(mail_key(self.domain, ack["id"]))
-            if self._ack_arrived(ack, recipient, now):   # only news about our own mail earns
-                self._reward(peer, "ack_relayed", now)
-                # The ack follows our mail to every peer we gave it to (7.6).
-                for conn in mine.offered if mine else ():
-                    other = self.peers.get(conn)
-                    if other is not None and other.state == "open" and other is not peer:
-                        self._send(other, {"type": "ack", "hops": 1, "ack": ack})
-            self._remember(key, expires)
+        if sender == self.node.domain:
+            mine = self.items.get(mail_key(self.node.domain, ack["id"]))
+            if self.node.outbox.ack_arrived(ack, recipient, now):     # only news about our own mail earns
+                self.links.reward(peer, "ack_relayed", now)
+                self.follow(ack, 1, mine.offered if mine else (), peer, now)
+            self.remember(key, expires)
             return
         stored_mail = self.items.get(mail_key(sender, ack["id"]))
         if stored_mail is not None and stored_mail.target != recipient:
             stored_mail = None                  # someone else's ack for that id: not ours to act on
         if stored_mail is None:
-            self._accept(peer, "ack", key, ack, recipient, sender, expires, frame["hops"], now)
+            self.accept(peer, "ack", key, ack, expires, frame["hops"], now)
             return
         # The ack frees a mail we hold.  It is stored (even with no hops left,
         # to answer late copies of the mail), then follows the mail: every peer
         # we gave the mail to, or got it from, holds a copy to drop too (7.6).
         with self.stores.batch("relay"):        # store the ack and drop the mail: one commit
-            item = self._accept(peer, "ack", key, ack, recipient, sender,
-                                min(expires, stored_mail.expires), max(frame["hops"], 1), now, frees=True)
-            self._forget(stored_mail)           # the recipient has it: drop our copy
+            item = self.accept(peer, "ack", key, ack, min(expires, stored_mail.expires),
+                               max(frame["hops"], 1), now, frees=True)
+            self.forget(stored_mail)            # the recipient has it: drop our copy
         if stored_mail.source:                  # the mail was real: whoever brought it earns (9.1)
-            self.reputation.change(f"domain:{stored_mail.source}",
-                                   REPUTATION_EVENTS["mail_relayed"][0], int(now))
-        for conn in stored_mail.offered:
-            other = self.peers.get(conn)
-            if other is not None and other.state == "open" and other is not peer:
-                self._offer(item, other, now, follow=True)
+            self.node.reputation.change(domain_subject(stored_mail.source),
+                                        REPUTATION_EVENTS["mail_relayed"][0], int(now))
+        self.follow(item, None, stored_mail.offered, peer, now)
 
-    def _repeated(self, peer: Peer, key: str, now: float) -> bool:
+    def follow(self, ack: dict | Item, hops: int | None, conns: set, came_from: Peer, now: float) -> None:
+        """The ack follows its mail (7.3, 7.6): to every open peer whose connection
+        had the mail, but the one it came from.  The sender sends its copy of
+        the ack with one hop (`ack` a dict); a relay offers the ack it now holds
+        (`ack` an Item), whatever its hops, once per connection."""
+        for conn in conns:
+            other = self.links.peers.get(conn)
+            if other is None or other.state != "open" or other is came_from:
+                continue
+            if isinstance(ack, Item):
+                self.offer(ack, other, now, follow=True)
+            else:
+                self.links.send(other, {"type": "ack", "hops": hops, "ack": ack})
+
+    def repeated(self, peer: Peer, key: str, now: float) -> bool:
         """Per-connection duplicate check: honest peers send an object once per
         connection, so a repeat is flooding (9.1)."""
         if key in peer.recent:
-            self._misbehaved(peer, "duplicate", f"{key} twice on one connection", now)
+            self.links.misbehaved(peer, "duplicate", f"{key} twice on one connection", now)
             return True
         peer.recent[key] = None
         if len(peer.recent) > RECENT_PER_CONNECTION:
             peer.recent.popitem(last=False)
         return False
 
-    def _mark_has(self, key: str, peer: Peer) -> None:
+    def mark_has(self, key: str, peer: Peer) -> None:
         item = self.items.get(key)
         if item is not None:
             item.offered.add(peer.conn)
 
-    def _seen_before(self, key: str, peer: Peer, hops: int, now: float) -> bool:
+    def seen_before(self, key: str, peer: Peer, hops: int, now: float) -> bool:
         """A copy of something we already handled: the peer has it.  If this
         copy may travel further than ours, ours takes its hops (so a peer
         cannot stunt a mail by handing us a copy with no hops left first)."""
         if key not in self.seen and key not in self.items:
             return False
-        self._mark_has(key, peer)
+        self.mark_has(key, peer)
         item = self.items.get(key)
         if item is not None and item.store == "relay" and hops - 1 > item.hops:
             item.hops = hops - 1
             entry = self.stores.relay[item.ref]
             entry["hops"] = item.hops
             self.stores.relay[item.ref] = entry
-            self._route(item, now)
+            self.route(item, now)
         return True
 
-    def _remember(self, key: str, expires: int) -> None:
+    def remember(self, key: str, expires: int) -> None:
         """Add to the seen-set (bounded: the soonest-expiring keys go first).
         It is saved in batches, not per key: everything it guards durably is
         also guarded by the relay store, the inbox or the outbox (7.1)."""
         self.seen[key] = expires
         self.seen_changed.add(key)
-        if len(self.seen) > self.config.seen_max:         # (what we hold stays: it is an item)
+        if len(self.seen) > self.node.config.seen_max:    # (what we hold stays: it is an item)
             for old in heapq.nsmallest(len(self.seen) // 10, self.seen, key=self.seen.get):
                 self.seen.pop(old, None)
                 self.seen_changed.add(old)
 
-    def _save_seen(self) -> None:
+    def save_seen(self) -> None:
         with self.stores.batch("seen"):
             for key in self.seen_changed:
                 if key in self.seen:
@@ -1837,186 +1911,98 @@ class Node:
                     self.stores.seen.pop(key, None)
         self.seen_changed.clear()
 
-    def _accept(self, peer: Peer, kind: str, key: str, obj: dict, origin: str, target: str,
-                expires: int, hops: int, now: float, frees: bool = False) -> Item | None:
+    def accept(self, peer: Peer, kind: str, key: str, obj: dict, expires: int, hops: int, now: float,
+               frees: bool = False) -> Item | None:
         """Take a new object from `peer` for relaying: store, then route (7.2).
         A copy with no hops left is not ours to pass on: it is dropped, and not
-        remembered, so a copy that may travel is still welcome (7.2)."""
+        remembered, so a copy that may travel is still welcome (7.2).  An ack
+        that frees a held mail is never refused for quota: it frees space."""
         if hops == 0:
             return None
-        size = len(canonical_json(obj))
-        refusal = None if frees else self._over_quota(origin, size)
-        if refusal and target in self.open:
+        item = Item.relayed(key, kind, obj, hops - 1, expires, now, source=peer.domain,
+                            next_try=now + self.node.config.retry_first)
+        refusal = None if frees else self.quota.refusal(item.origin, item.size)
+        if refusal and item.target in self.links.open:
             # Full, but its target is right here: hand it over without keeping a copy.
-            self._send(self.open[target], {"type": kind, "hops": hops - 1, kind: obj})
+            self.links.send(self.links.open[item.target], {"type": kind, "hops": hops - 1, kind: obj})
             return None
         if refusal:
             peer.recent.pop(key, None)          # not accepted: a retry may be
-            self._send(peer, make_error("quota_exceeded", refusal, ref=obj["id"]))
+            self.links.send(peer, make_error("quota_exceeded", refusal, ref=obj["id"]))
             return None
         if frees:                               # an ack for nothing we held earns nothing
-            self._reward(peer, "ack_relayed", now)
+            self.links.reward(peer, "ack_relayed", now)
         self.stores.relay[key] = {"kind": kind, "obj": obj, "hops": hops - 1,
                                   "received": int(now), "expires": expires}
-        self._remember(key, expires)
-        item = Item(key, kind, "relay", key, target, origin, expires, size, hops - 1,
-                    own=False, next_try=now + self.config.retry_first, source=peer.domain)
+        self.remember(key, expires)
         item.offered.add(peer.conn)
-        self._add_item(item)
-        self._route(item, now)
+        self.add(item)
+        self.route(item, now)
         return item
 
-    def _over_quota(self, origin: str, size: int) -> str | None:
-        """Relay store quotas (PROTOCOL.md 7.6).  An ack that lets us drop a
-        mail we hold is never refused: it frees space."""
-        c, used = self.config, self.relay_usage
-        if used["items"] >= c.relay_max_items or used["bytes"] + size > c.relay_max_bytes:
-            return "the relay store is full"
-        if (used[f"items {origin}"] >= c.origin_max_items
-                or used[f"bytes {origin}"] + size > c.origin_max_bytes):
-            return f"the relay store is full for mail from {origin}"
-        return None
+    # -- the recipient (7.4) and the sender's acks (7.5) ---------------------------------
 
-    def _deliver_local(self, mail: dict, key: str, peer: Peer | None, now: float) -> dict:
+    def deliver_local(self, mail: dict, key: str, peer: Peer | None, now: float) -> dict:
         """Store first, ack after (7.4): an ack means nothing can lose it now.
         A duplicate is answered with the ack we made the first time."""
         sender = parse_address(mail["from"]).domain
-        answered = self.items.get(ack_key(sender, mail["id"], self.domain))
+        answered = self.items.get(ack_key(sender, mail["id"], self.node.domain))
         if answered is not None:
             if peer is not None:
-                self._offer(answered, peer, now)
-            self._route(answered, now)
-            return self._object(answered)
+                self.offer(answered, peer, now)
+            self.route(answered, now)
+            return self.held_object(answered)
         entry = self.stores.inbox.get(key)
         if entry is None:
-            status, reason, plain = "delivered", "", None
-            try:
-                plain = open_mail(self.identity, mail)
-                user = parse_address(mail["to"])
-                if user.is_core or user.user.lower() not in self.stores.users:
-                    status, reason = "rejected", "no_such_user"
-            except RemoteError as exc:
-                status, reason = "rejected", exc.code
-            ack = make_ack(self.identity, mail, status, reason, int(now), self.rng)
-            entry = {"ack": ack}
-            if status == "delivered":
-                user = parse_address(mail["to"]).user.lower()
-                entry.update(user=user, id=mail["id"], created=mail["created"],
-                             received=int(now), unread=True, **plain)
-                self.stores.inbox[key] = entry
-                self._event("mail_received", key=key, user=user, sender=mail["from"],
-                            size=len(mail["ct"]))     # never the subject: logs are not private
-                if peer is not None:            # a real delivery: the bringer earns (9.1)
-                    self._reward(peer, "mail_relayed", now)
-            else:
-                log.info("rejected mail %s from %s: %s", mail["id"], mail["from"], reason)
-        if sender != self.domain:
-            self._send_own_ack(entry["ack"], now, peer)
+            entry = self.open_and_store(mail, key, peer, now)
+        if sender != self.node.domain:
+            self.send_own_ack(entry["ack"], now, peer)
         return entry["ack"]
 
-    def _send_own_ack(self, ack: dict, now: float, peer: Peer | None) -> None:
+    def open_and_store(self, mail: dict, key: str, peer: Peer | None, now: float) -> dict:
+        """Open a new mail for us, sign its ack, and store a delivered one (7.4)."""
+        status, reason, plain = "delivered", "", None
+        try:
+            plain = open_mail(self.node.identity, mail)
+            user = parse_address(mail["to"])
+            if user.is_core or user.user.lower() not in self.stores.users:
+                status, reason = "rejected", "no_such_user"
+        except RemoteError as exc:
+            status, reason = "rejected", exc.code
+        ack = make_ack(self.node.identity, mail, status, reason, int(now), self.node.rng)
+        entry = {"ack": ack}
+        if status == "delivered":
+            user = parse_address(mail["to"]).user.lower()
+            entry.update(user=user, id=mail["id"], created=mail["created"],
+                         received=int(now), unread=True, **plain)
+            self.stores.inbox[key] = entry
+            self.node.event("mail_received", key=key, user=user, sender=mail["from"],
+                            size=len(mail["ct"]))     # never the subject: logs are not private
+            if peer is not None:                # a real delivery: the bringer earns (9.1)
+                self.links.reward(peer, "mail_relayed", now)
+        else:
+            self.node.event("mail_rejected", id=mail["id"], sender=mail["from"], reason=reason)
+        return entry
+
+    def send_own_ack(self, ack: dict, now: float, peer: Peer | None) -> None:
         sender = parse_address(ack["to"]).domain
-        key = ack_key(sender, ack["id"], self.domain)
+        key = ack_key(sender, ack["id"], self.node.domain)
         item = self.items.get(key)
         if item is None:
+            expires = ack["created"] + ack_lifetime()
             self.stores.relay[key] = {"kind": "ack", "obj": ack, "hops": MAX_HOPS,
-                                      "received": int(now), "expires": ack["created"] + ack_lifetime()}
-            self._remember(key, ack["created"] + ack_lifetime())
-            item = Item(key, "ack", "relay", key, sender, self.domain, ack["created"] + ack_lifetime(),
-                        len(canonical_json(ack)), MAX_HOPS, own=True,
-                        next_try=now + self.config.retry_first)
-            self._add_item(item)
+                                      "received": int(now), "expires": expires}
+            self.remember(key, expires)
+            item = Item.relayed(key, "ack", ack, MAX_HOPS, expires, now, own=True,
+                                next_try=now + self.node.config.retry_first)
+            self.add(item)
         if peer is not None and peer.state == "open":
-            self._offer(item, peer, now)        # the peer that brought the mail waits for this
-        self._route(item, now)
+            self.offer(item, peer, now)         # the peer that brought the mail waits for this
+        self.route(item, now)
 
-    def _ack_arrived(self, ack: dict, recipient: str, now: float) -> bool:
-        """An ack for our own mail (7.5): the outbox entry reaches its end.
-        Returns whether it was news (an entry still waiting for this ack)."""
-        entry = self.stores.outbox.get(ack["id"])
-        if entry is None or parse_address(entry["to"]).domain != recipient:
-            return False
-        if entry["status"] in ("delivered", "rejected"):
-            return False
-        entry.update(status=ack["status"], reason=ack["reason"], acked=ack["created"],
-                     done_ms=int(now * 1000))
-        self.stores.outbox[ack["id"]] = entry
-        item = self.items.get(mail_key(self.domain, ack["id"]))
-        if item is not None:
-            self._forget(item)
-        self._event("mail_status", id=ack["id"], status=ack["status"], reason=ack["reason"])
-        return True
+    # -- routing (7.2) ------------------------------------------------------------
 
-    # -- routing (PROTOCOL.md 7.2) ----------------------------------------------
-
-    def _add_item(self, item: Item) -> None:
-        old = self.items.get(item.key)
-        if old is not None:                     # replaced, never counted twice
-            self._unindex(old)
-        self.items[item.key] = item
-        self.items_for[item.target].add(item.key)
-        self.items_by_id[item.key.split("/")[2]].add(item.key)
-        if item.store == "relay":
-            self._count(item, +1)
-
-    def _forget(self, item: Item) -> None:
-        if self.items.get(item.key) is not item:
-            return
-        del self.items[item.key]
-        self._unindex(item)
-        if item.store == "relay":
-            self.stores.relay.pop(item.ref, None)
-
-    def _unindex(self, item: Item) -> None:
-        self.items_for[item.target].discard(item.key)
-        if not self.items_for[item.target]:
-            del self.items_for[item.target]
-        mail_id = item.key.split("/")[2]
-        self.items_by_id[mail_id].discard(item.key)
-        if not self.items_by_id[mail_id]:
-            del self.items_by_id[mail_id]
-        if item.store == "relay":
-            self._count(item, -1)
-
-    def _count(self, item: Item, sign: int) -> None:
-        for name, amount in (("items", 1), ("bytes", item.size)):
-            self.relay_usage[name] += sign * amount
-            self.relay_usage[f"{name} {item.origin}"] += sign * amount
-            if not self.relay_usage[f"{name} {item.origin}"]:
-                del self.relay_usage[f"{name} {item.origin}"]
-
-    def _load_items(self, now: float) -> None:
-        """Rebuild the routing index from the durable stores after a start."""
-        for key, entry in self.stores.relay.items():
-            obj = entry["obj"]      # a mail goes from origin to target; an ack back again
-            origin, target = parse_address(obj["from"]).domain, parse_address(obj["to"]).domain
-            self._add_item(Item(key, entry["kind"], "relay", key, target, origin, entry["expires"],
-                                len(canonical_json(obj)), entry["hops"], own=origin == self.domain,
-                                next_try=now))
-        for mail_id, entry in self.stores.outbox.items():
-            if entry["status"] in ("queued", "sent"):
-                self._add_outbox_item(mail_id, entry, now)
-
-    def _add_outbox_item(self, mail_id: str, entry: dict, now: float) -> None:
-        target = parse_address(entry["to"]).domain
-        if entry.get("mail") is None:
-            self.waiting_key[target].add(mail_id)
-            return
-        if target == self.domain:               # to ourselves: no network involved
-            ack = self._deliver_local(entry["mail"], mail_key(self.domain, mail_id), None, now)
-            self._ack_arrived(ack, self.domain, now)
-            return
-        self._add_item(Item(mail_key(self.domain, mail_id), "mail", "outbox", mail_id, target,
-                            self.domain, entry["expires"], len(canonical_json(entry["mail"])),
-                            MAX_HOPS, own=True, next_try=now))
-
-    def _object(self, item: Item) -> dict | None:
-        entry = getattr(self.stores, item.store).get(item.ref)
-        if entry is None:
-            return None
-        return entry["mail"] if item.store == "outbox" else entry["obj"]
-
-    def _offer(self, item: Item, peer: Peer, now: float, follow: bool = False) -> None:
+    def offer(self, item: Item, peer: Peer, now: float, follow: bool = False) -> None:
         """Write the object to one peer, once per connection (a peer that got it
         on this connection has it: TCP delivered it or the connection died).
         `follow`: an ack going where its mail went, whatever its hops (7.6)."""
@@ -2026,331 +2012,211 @@ class Node:
             return                              # no hops left: useful to its target only (7.2)
         if item.expires <= now:
             return                              # never pass on the dead (the sweep drops it)
-        obj = self._object(item)
+        obj = self.held_object(item)
         if obj is None:
             return
-        self._send(peer, {"type": item.kind, "hops": item.hops, item.kind: obj})
+        self.links.send(peer, {"type": item.kind, "hops": item.hops, item.kind: obj})
         item.offered.add(peer.conn)
         if peer.domain == item.target:
             item.handed = True
-        if item.store == "outbox":
-            entry = self.stores.outbox[item.ref]
-            if entry["status"] == "queued":
-                entry.update(status="sent", sent=int(now))
-                self.stores.outbox[item.ref] = entry
-                self._event("mail_status", id=item.ref, status="sent", reason="")
+        if item.store == "outbox" and self.stores.outbox[item.ref]["status"] == "queued":
+            self.node.outbox.set_status(item.ref, "sent", "", sent=int(now))
 
-    def _route(self, item: Item, now: float) -> None:
+    def route(self, item: Item, now: float) -> None:
         """Where an object goes next (7.2): its target if connected; else, if we
         made it and the target's record has a host, a direct dial; else every
         other peer, better reputation first."""
         if item.settled:
             return
-        peer = self.open.get(item.target)
+        peer = self.links.open.get(item.target)
         if peer is not None:
-            self._offer(item, peer, now)
+            self.offer(item, peer, now)
             return
-        if item.own and self._dial_domain(item.target, now):
+        if item.own and self.node.peerset.dial_domain(item.target, now):
             return                              # wait for the dial; its failure floods
-        for peer in self.open_peers(now):
-            self._offer(item, peer, now)
+        for peer in self.links.open_peers(now):
+            self.offer(item, peer, now)
 
-    def _flush_to(self, peer: Peer, now: float) -> None:
-        """A peer completed the handshake: everything we hold for it goes now (7.6),
-        and so does every own mail still waiting for its ack, even one that
-        other peers already have: the new peer may be the way to its recipient,
-        and a retry would offer it there anyway, only later (7.2)."""
+    def peer_opened(self, peer: Peer, now: float) -> None:
+        """A peer completed the handshake: everything we hold for it goes now
+        (7.6), and so does every own mail still waiting for its ack, even one
+        that other peers already have: the new peer may be the way to its
+        recipient, and a retry would offer it there anyway, only later (7.2).
+        """
         for key in list(self.items_for.get(peer.domain, ())):
             item = self.items[key]
             if not item.settled:
-                self._offer(item, peer, now)
+                self.offer(item, peer, now)
         for item in list(self.items.values()):
-            if (item.store == "outbox" and item.target not in self.open
-                    and item.target not in self.dialing):
-                self._offer(item, peer, now)
+            if (item.store == "outbox" and item.target not in self.links.open
+                    and not self.node.peerset.dial_in_flight(item.target)):
+                self.offer(item, peer, now)
 
-    # -- direct connections and the peer set (PROTOCOL.md 5.5) -----------------
+    def connection_gone(self, conn: int) -> None:
+        for item in self.items.values():
+            item.offered.discard(conn)
 
-    def _connecting(self, target: str) -> bool:
-        """A dial of ours to this target is in flight, or a connection to it is
-        proven: a node never dials a domain twice at once (5.5).  An inbound
-        hello alone proves nothing (anyone can replay a record), so it counts
-        only once its auth has verified."""
-        return target in self.dialing or any(
-            (p.outbound and target in (p.target, p.expect)) or (p.verified and p.domain == target)
-            for p in self.peers.values())
+    def refused(self, peer: Peer, mail_id: str) -> None:
+        """The peer refused the objects with this id (an error with ref, 9.4):
+        this connection does not have them, so a retry offers them again."""
+        for key in self.items_by_id.get(mail_id, ()):
+            self.items[key].offered.discard(peer.conn)   # only affects this connection
 
-    def _dial_domain(self, domain: str, now: float) -> bool:
-        """Dial `domain` from its record if that is possible now.  True while a
-        dial is in flight; False if there is no host or it failed recently."""
-        if self._connecting(domain):
-            return True
-        _, next_try = self.dial_backoff.get(domain, (0, 0))
-        if max(next_try, self.stores.peers.get(domain, {}).get("next", 0)) > now:
-            return False
-        record = self.known_record(domain, now)
-        if (record is None or record["host"] is None
-                or self.reputation.banned(f"domain:{domain}", int(now))):
-            return False
-        if sum(p.outbound for p in self.peers.values()) + len(self.dialing) >= self.config.max_outbound:
-            return False
-        self.dialing[domain] = now
-        self._actions.append(Dial(record["host"], record["port"], domain))
-        return True
-
-    def dial_failed(self, target: str, now: float) -> list[Action]:
-        """The shell could not connect to a Dial's target (a domain or host:port)."""
-        self._dial_failed(target, now)
-        return self._take()
-
-    def _dial_failed(self, target: str | None, now: float) -> None:
-        if target is None or target in self.open:
-            return
-        self.dialing.pop(target, None)
-        failures, _ = self.dial_backoff.get(target, (0, 0))
-        self.dial_backoff[target] = (failures + 1,
-                                     now + backoff(failures, DIAL_RETRY_FIRST, DIAL_RETRY_MAX))
-        known = self.stores.peers.get(target)
-        if known is not None:
-            known.update(fails=known.get("fails", 0) + 1,
-                         next=int(now + backoff(known.get("fails", 0), DIAL_RETRY_FIRST, DIAL_RETRY_MAX)))
-            self.stores.peers[target] = known
+    def dial_failed(self, target: str, now: float) -> None:
+        """A direct dial to `target` failed: relay what we hold for it (7.2)."""
         for key in list(self.items_for.get(target, ())):
             item = self.items[key]
-            for peer in self.open_peers(now):   # the fallback: relay it (7.2)
-                self._offer(item, peer, now)
+            for peer in self.links.open_peers(now):
+                self.offer(item, peer, now)
 
-    # -- the user's side: sending and looking up ------------------------------
+    def retry(self, now: float) -> None:
+        """Route again whatever is due (7.5): the schedule doubles up to retry_max."""
+        for item in list(self.items.values()):
+            if item.next_try <= now and item.key in self.items:
+                item.tries += 1
+                item.next_try = now + backoff(item.tries, self.node.config.retry_first,
+                                              self.node.config.retry_max)
+                self.route(item, now)
 
-    def submit(self, user: str, to: str, subject: str, body: str, now: float,
-               ttl: int = MAX_TTL) -> tuple[str, list[Action]]:
+    # -- expiry (7.7) -------------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Drop what has expired: held objects (our own undelivered mail becomes
+        "expired") and seen keys."""
+        for item in [i for i in self.items.values() if i.expires <= now]:
+            self.forget(item)
+            if item.store == "outbox":
+                self.node.outbox.set_status(item.ref, "expired", "not acknowledged before it expired")
+        for key in [k for k, expires in self.seen.items() if expires <= now]:
+            del self.seen[key]
+            self.seen_changed.add(key)
+
+
+class Outbox:
+    """Own mail (PROTOCOL.md 7.5): the user's submissions, sealed once the
+    recipient's key is known, their status (OUTBOX_TRANSITIONS, one place that
+    moves it), the lookup history of mail that waits for a key, withdrawal,
+    and the ack that settles each.  Sealed mail is handed to Delivery to route."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+        self.stores = node.stores
+        self.waiting_key: dict[str, set[str]] = collections.defaultdict(set)   # domain -> outbox ids
+
+    @property
+    def delivery(self) -> "Delivery":
+        return self.node.delivery
+
+    def load(self, now: float) -> None:
+        """Hand what still waits back to Delivery after a start."""
+        for mail_id, entry in self.stores.outbox.items():
+            if entry["status"] in OUTBOX_WAITING:
+                self.hand_over(mail_id, entry, now)
+
+    def hand_over(self, mail_id: str, entry: dict, now: float) -> None:
+        """A sealed mail goes to Delivery; one still without its key waits here."""
+        target = parse_address(entry["to"]).domain
+        if entry.get("mail") is None:
+            self.waiting_key[target].add(mail_id)
+            return
+        if target == self.node.domain:          # to ourselves: no network involved
+            ack = self.delivery.deliver_local(entry["mail"], mail_key(self.node.domain, mail_id), None, now)
+            self.ack_arrived(ack, self.node.domain, now)
+            return
+        self.delivery.add(Item.outbox(entry["mail"], entry["expires"], now))
+
+    def set_status(self, mail_id: str, status: str, reason: str, **fields: Any) -> dict:
+        """The one place an outbox entry changes status (OUTBOX_TRANSITIONS):
+        stored, then announced."""
+        entry = self.stores.outbox[mail_id]
+        if status not in OUTBOX_TRANSITIONS[entry["status"]]:
+            raise LocalError("refused", f"mail {mail_id}: no move from {entry['status']} to {status}")
+        entry.update(status=status, reason=reason, **fields)
+        self.stores.outbox[mail_id] = entry
+        self.node.event("mail_status", id=mail_id, status=status, reason=reason)
+        return entry
+
+    def ack_arrived(self, ack: dict, recipient: str, now: float) -> bool:
+        """An ack for our own mail (7.5): the outbox entry reaches its end.
+        Returns whether it was news (an entry still waiting for this ack)."""
+        entry = self.stores.outbox.get(ack["id"])
+        if entry is None or parse_address(entry["to"]).domain != recipient:
+            return False
+        if ack["status"] not in OUTBOX_TRANSITIONS[entry["status"]]:
+            return False                        # settled already
+        self.set_status(ack["id"], ack["status"], ack["reason"], acked=ack["created"],
+                        done_ms=int(now * 1000))
+        item = self.delivery.items.get(mail_key(self.node.domain, ack["id"]))
+        if item is not None:
+            self.delivery.forget(item)
+        return True
+
+    def submit(self, user: str, to: str, subject: str, body: str, now: float, ttl: int) -> str:
         """Queue a mail from a local user (7.5).  Returns its id.
 
         If the recipient's record (and so its key) is unknown, the mail waits
         in the outbox, unsealed, while Core asks the network for the record.
+        The user's input breaks no wire rule, only a local one: errors are
+        LocalErrors with the code of the rule.
         """
-        sender = Address(check_user(user, "from"), self.domain)
+        try:
+            sender = Address(check_user(user, "from"), self.node.domain)
+        except RemoteError as exc:
+            raise local_error(exc)
         if sender.is_core:
             raise LocalError("refused", f"{CORE_USER} sends only acks and NIS queries")
         if sender.user.lower() not in self.stores.users:
             raise LocalError("not_found", f"no local user {sender.user!r}")
-        sender = Address(self.stores.users[sender.user.lower()]["name"], self.domain)
-        recipient = parse_address(to, "to")
-        make_plaintext(sender, recipient, subject, body)      # the limits, before queuing
+        sender = Address(self.stores.users[sender.user.lower()]["name"], self.node.domain)
+        try:
+            recipient = parse_address(to, "to")
+            make_plaintext(sender, recipient, subject, body)    # the limits, before queuing
+        except RemoteError as exc:
+            raise local_error(exc)
         if not 0 < ttl <= MAX_TTL:
             raise LocalError("bad_ttl", f"the time to live must be 1..{MAX_TTL} seconds")
-        mail_id = self.rng(MAIL_ID).hex()
+        mail_id = self.node.rng(MAIL_ID).hex()
         entry = {"id": mail_id, "from": str(sender), "to": str(recipient), "subject": subject,
                  "body": body, "created": int(now), "expires": int(now) + ttl,
                  "status": "queued", "reason": "", "mail": None, "submitted_ms": int(now * 1000),
                  "lookups": 0, "last_lookup": None}
         self.stores.outbox[mail_id] = entry
-        self._event("mail_status", id=mail_id, status="queued", reason="")
-        if self.known_record(recipient.domain, now) is None and recipient.domain != self.domain:
+        self.node.event("mail_status", id=mail_id, status="queued", reason="")
+        if self.node.names.known_record(recipient.domain, now) is None and recipient.domain != self.node.domain:
             self.waiting_key[recipient.domain].add(mail_id)
-            self._ask(recipient.domain, now)
+            self.node.names.ask(recipient.domain, now)
         else:
-            self._seal_waiting(mail_id, now)
-        return mail_id, self._take()
+            self.seal_waiting(mail_id, now)
+        return mail_id
 
-    def _seal_waiting(self, mail_id: str, now: float) -> None:
+    def seal_waiting(self, mail_id: str, now: float) -> None:
         entry = self.stores.outbox.get(mail_id)
         if entry is None or entry["mail"] is not None or entry["status"] != "queued":
             return
         recipient = parse_address(entry["to"])
-        record = self.record if recipient.domain == self.domain else self.known_record(recipient.domain, now)
+        names = self.node.names
+        record = names.record if recipient.domain == self.node.domain else names.known_record(recipient.domain, now)
         if record is None:                      # expired or evicted meanwhile: ask again
             self.waiting_key[recipient.domain].add(mail_id)
-            self._ask(recipient.domain, now)
+            names.ask(recipient.domain, now)
             return
-        key = record["key"]
         ttl = entry["expires"] - entry["created"]
-        mail = seal_mail(self.identity, parse_address(entry["from"]), recipient, key,
+        mail = seal_mail(self.node.identity, parse_address(entry["from"]), recipient, record["key"],
                          entry["subject"], entry["body"], entry["created"], ttl,
-                         _prefixed_rng(bytes.fromhex(mail_id), self.rng))
+                         _prefixed_rng(bytes.fromhex(mail_id), self.node.rng))
         entry["mail"] = mail
         self.stores.outbox[mail_id] = entry
-        self._add_outbox_item(mail_id, entry, now)
-        item = self.items.get(mail_key(self.domain, mail_id))
+        self.hand_over(mail_id, entry, now)
+        item = self.delivery.items.get(mail_key(self.node.domain, mail_id))
         if item is not None:
-            self._route(item, now)
+            self.delivery.route(item, now)
 
-    def lookup(self, domain: str, now: float) -> tuple[dict | None, list[Action]]:
-        """A record from the NIS map, or None and a nis_query on its way (5.4)."""
-        check_domain(domain)
-        record = self.known_record(domain, now) if domain != self.domain else self.record
-        if record is None:
-            self._ask(domain, now)
-        return record, self._take()
+    def record_learned(self, domain: str, now: float) -> None:
+        """A record arrived: seal and route what waited for that key (5.3, 7.5)."""
+        for mail_id in self.waiting_key.pop(domain, ()):
+            self.seal_waiting(mail_id, now)
 
-    def _ask(self, domain: str, now: float) -> None:
-        """Ask every open peer for `domain`'s record (5.4).  A question already
-        pending goes to the peers not asked yet; with no peer to ask, the
-        lookup fails at once rather than after a timeout nobody can change."""
-        query = next((q for q in self.queries.values() if q.domain == domain and q.origin is None), None)
-        peers = self.open_peers(now)
-        if query is None and not peers:
-            self._lookup_failed(domain, now)
-            self._event("nis_result", domain=domain, record=None)
-            return
-        if query is None:
-            query = Query(self.rng(QUERY_ID).hex(), domain, None, now + NIS_TIMEOUT)
-            self.queries[query.qid] = query
-            self._seen_query(query.qid)
-        for peer in peers:
-            if peer.conn not in query.asked:
-                self._send(peer, {"type": "nis_query", "qid": query.qid, "domain": domain, "hops": NIS_HOPS})
-                query.asked.add(peer.conn)
-
-    # -- NIS (PROTOCOL.md 5.4) ---------------------------------------------------
-
-    def _seen_query(self, qid: str) -> bool:
-        if qid in self.seen_queries:
-            return True
-        self.seen_queries[qid] = None
-        if len(self.seen_queries) > SEEN_QUERIES:
-            self.seen_queries.popitem(last=False)
-        return False
-
-    def handle_nis_query(self, peer: Peer, frame: dict, now: float) -> None:
-        """Answer from the map, or forward with one hop less and remember the way back."""
-        if self._seen_query(frame["qid"]):
-            return                              # flooding brings duplicates; not a fault
-        domain = frame["domain"]
-        record = self.record if domain == self.domain else self.known_record(domain, now)
-        if record is not None:
-            self._send(peer, {"type": "nis_answer", "qid": frame["qid"], "record": record})
-            return
-        if frame["hops"] == 0 or len(self.queries) >= MAX_QUERIES:
-            return
-        query = Query(frame["qid"], domain, peer.conn, now + NIS_TIMEOUT)
-        forward = {"type": "nis_query", "qid": frame["qid"], "domain": domain, "hops": frame["hops"] - 1}
-        for other in self.open_peers(now, exclude=peer):
-            self._send(other, forward)
-            query.asked.add(other.conn)
-        if query.asked:
-            self.queries[query.qid] = query
-
-    def handle_nis_answer(self, peer: Peer, frame: dict, now: float) -> None:
-        query = self.queries.get(frame["qid"])
-        if query is None or peer.conn not in query.asked:
-            return                              # late or unasked: cheap to drop, not a fault
-        query.asked.discard(peer.conn)          # one answer per peer asked
-        try:
-            record = verify_nis_answer(frame, query.domain, int(now))
-        except RemoteError as exc:
-            self._misbehaved(peer, forgery_event(exc), exc.message, now)
-            return
-        self._reward(peer, "nis_answer", now)
-        self.learn_record(record, now)
-        if query.answered:
-            return
-        query.answered = True
-        if query.origin is None:
-            self._event("nis_result", domain=query.domain, record=record)
-        elif query.origin in self.peers and self.peers[query.origin].state == "open":
-            self._send(self.peers[query.origin], {"type": "nis_answer", "qid": query.qid,
-                                                  "record": record})
-
-    def handle_getpeers(self, peer: Peer, frame: dict, now: float) -> None:
-        """Peer exchange (5.5): records of reachable peers, ours first."""
-        records = [self.record] if self.record["host"] else []
-        current = (self.known_record(p.domain, now) for p in self.open.values() if p is not peer)
-        others = [r for r in current if r is not None and r["host"] is not None]
-        random.Random(self.rng(8)).shuffle(others)
-        records += others[:MAX_PEER_RECORDS - len(records)]
-        self._send(peer, {"type": "peers", "records": records})
-
-    def handle_peers(self, peer: Peer, frame: dict, now: float) -> None:
-        """Records from a peer: an answer to getpeers or an announcement.  A record
-        newer than the one we had is passed on, so refreshes spread (5.3)."""
-        if len(frame["records"]) > MAX_PEER_RECORDS:
-            raise RemoteError("too_large", f"more than {MAX_PEER_RECORDS} records")
-        fresher = []
-        for record in frame["records"]:
-            domain = record.get("domain") if isinstance(record, dict) else None
-            known = self.stores.nis.get(domain) if isinstance(domain, str) else None
-            if known is not None and type(record.get("seq")) is int and record["seq"] <= known["seq"]:
-                continue                        # nothing new: not worth an RSA verification
-            try:
-                verify_record(record, int(now), "peers.record")
-            except RemoteError as exc:
-                self._misbehaved(peer, forgery_event(exc), exc.message, now)
-                continue
-            known = record["domain"] in self.stores.nis
-            if self.learn_record(record, now) and known:
-                fresher.append(record)
-        if fresher:
-            for other in self.open_peers(now, exclude=peer):
-                self._send(other, {"type": "peers", "records": fresher})
-
-    # -- time passing -----------------------------------------------------------
-
-    def tick(self, now: float) -> list[Action]:
-        """Timeouts, keepalives, retries, expiry, and the outbound peer set."""
-        for target, since in list(self.dialing.items()):
-            if now - since > DIAL_TIMEOUT + HANDSHAKE_TIMEOUT:
-                self._dial_failed(target, now)  # the shell never reported back: give up
-        for peer in list(self.peers.values()):
-            if peer.state != "open" and now - peer.opened > HANDSHAKE_TIMEOUT:
-                self._close(peer, "timeout", f"no handshake within {HANDSHAKE_TIMEOUT} s", now)
-            elif peer.state == "open" and now - peer.last_rx > IDLE_TIMEOUT:
-                self._close(peer, "timeout", f"silent for {IDLE_TIMEOUT} s", now)
-            elif peer.state == "open" and now - max(peer.last_rx, peer.pinged) > PING_INTERVAL:
-                peer.pinged = now
-                self._send(peer, {"type": "ping"})
-        for qid, query in list(self.queries.items()):
-            if query.deadline <= now:
-                del self.queries[qid]
-                if query.origin is None and not query.answered:
-                    self._lookup_failed(query.domain, now)
-                    self._event("nis_result", domain=query.domain, record=None)
-        for item in list(self.items.values()):
-            if item.next_try <= now and item.key in self.items:
-                item.tries += 1
-                item.next_try = now + backoff(item.tries, self.config.retry_first, self.config.retry_max)
-                self._route(item, now)
-        if now >= self.next_sweep:
-            self.next_sweep = now + SWEEP_SECONDS
-            self.sweep(now)
-        if now >= self.next_maintain:
-            self.next_maintain = now + MAINTAIN_SECONDS
-            self.refresh_record(now)
-            self._maintain(now)
-        if now >= self.next_flush:
-            self.next_flush = now + REPUTATION_FLUSH
-            self.reputation.flush(int(now))
-            self._save_seen()
-        return self._take()
-
-    def sweep(self, now: float) -> None:
-        """Drop what has expired (7.7): relayed objects, seen keys, tombstones,
-        NIS records; our own undelivered mail becomes "expired"."""
-        for item in [i for i in self.items.values() if i.expires <= now]:
-            self._forget(item)
-            if item.store == "outbox":
-                self._set_status(item.ref, "expired", "not acknowledged before it expired")
-        for domain, ids in list(self.waiting_key.items()):
-            for mail_id in list(ids):
-                entry = self.stores.outbox.get(mail_id)
-                if entry is None or entry["expires"] <= now:
-                    ids.discard(mail_id)
-                    if entry is not None:
-                        self._set_status(mail_id, "expired", "no NIS record for the recipient was found")
-            if ids:
-                self._ask(domain, now)          # once per domain, however many mails wait
-            else:
-                del self.waiting_key[domain]
-        for key in [k for k, expires in self.seen.items() if expires <= now]:
-            del self.seen[key]
-            self.seen_changed.add(key)
-        for domain in [d for d, expires in self.nis_expiry.items() if expires <= now]:
-            del self.nis_expiry[domain], self.stores.nis[domain]
-        for domain, known in self.stores.peers.items():   # addresses that stopped working
-            if known.get("fails", 0) >= KNOWN_PEER_FAILURES and known.get("seen", 0) < now - MAX_TTL:
-                del self.stores.peers[domain]
-
-    def _lookup_failed(self, domain: str, now: float) -> None:
+    def lookup_failed(self, domain: str, now: float) -> None:
         """Our question for `domain` found nothing: note it on every mail that
         waits for that key, so the user sees why it waits (7.5)."""
         for mail_id in self.waiting_key.get(domain, ()):
@@ -2359,59 +2225,40 @@ class Node:
                 entry.update(lookups=entry.get("lookups", 0) + 1, last_lookup=int(now))
                 self.stores.outbox[mail_id] = entry
 
-    def cancel(self, mail_id: str, now: float) -> tuple[dict, list[Action]]:
+    def cancel(self, mail_id: str, now: float) -> dict:
         """The user withdraws an own mail that is not yet delivered (7.5): no
         more retries.  Copies already handed to peers may still arrive; an ack
         that comes later is still recorded, because it is the truth."""
         entry = self.stores.outbox.get(mail_id)
         if entry is None:
             raise LocalError("not_found", f"no outbox entry {mail_id}")
-        if entry["status"] not in ("queued", "sent"):
+        if entry["status"] not in OUTBOX_WAITING:
             raise LocalError("refused", f"mail {mail_id} is {entry['status']}: there is nothing to withdraw")
-        item = self.items.get(mail_key(self.domain, mail_id))
+        item = self.delivery.items.get(mail_key(self.node.domain, mail_id))
         if item is not None:
-            self._forget(item)
+            self.delivery.forget(item)
         self.waiting_key.get(parse_address(entry["to"]).domain, set()).discard(mail_id)
-        self._set_status(mail_id, "cancelled", "withdrawn by the sender")
-        return self.stores.outbox[mail_id], self._take()
+        return self.set_status(mail_id, "cancelled", "withdrawn by the sender")
 
-    def _set_status(self, mail_id: str, status: str, reason: str) -> None:
-        entry = self.stores.outbox[mail_id]
-        entry.update(status=status, reason=reason)
-        self.stores.outbox[mail_id] = entry
-        self._event("mail_status", id=mail_id, status=status, reason=reason)
+    def peer_opened(self, now: float) -> None:
+        """A new peer may know the keys that mail waits for (5.4)."""
+        for domain in [d for d, ids in self.waiting_key.items() if ids]:
+            self.node.names.ask(domain, now)
 
-    def _maintain(self, now: float) -> None:
-        """Keep `target_outbound` outbound connections (5.5): bootstrap peers
-        first, then known peers, most recently seen first."""
-        outbound = sum(p.outbound for p in self.peers.values()) + len(self.dialing)
-        known = sorted(self.stores.peers.items(), key=lambda kv: -kv[1].get("seen", 0))
-        candidates = [(k["host"], k["port"], domain) for domain, k in known]
-        addresses = {(host, port) for host, port, _ in candidates}
-        candidates[:0] = [(host, port, None) for host, port in self.config.bootstrap
-                          if (host, port) not in addresses]
-        connected = {(p.address or (None, None)) for p in self.peers.values()}
-        for host, port, domain in candidates:
-            if outbound >= self.config.target_outbound:
-                break
-            target = domain or f"{host}:{port}"
-            if (domain in self.open or domain == self.domain or self._connecting(target)
-                    or (host, port) in connected
-                    or self.dial_backoff.get(target, (0, 0))[1] > now
-                    or (domain and self.stores.peers[domain].get("next", 0) > now)
-                    or (domain and self.reputation.banned(f"domain:{domain}", int(now)))):
-                continue
-            self.dialing[target] = now
-            self._actions.append(Dial(host, port, domain))
-            outbound += 1
-
-    def close_all(self, now: float) -> list[Action]:
-        """The node is stopping: say so to every peer and save the scores."""
-        for peer in list(self.peers.values()):
-            self._close(peer, "shutdown", "the node is stopping", now)
-        self.reputation.flush(int(now))
-        self._save_seen()
-        return self._take()
+    def sweep(self, now: float) -> None:
+        """Mail that waited for a key in vain expires (7.7); for the rest the
+        question is asked again, once per domain however many mails wait."""
+        for domain, ids in list(self.waiting_key.items()):
+            for mail_id in list(ids):
+                entry = self.stores.outbox.get(mail_id)
+                if entry is None or entry["expires"] <= now:
+                    ids.discard(mail_id)
+                    if entry is not None:
+                        self.set_status(mail_id, "expired", "no NIS record for the recipient was found")
+            if ids:
+                self.node.names.ask(domain, now)
+            else:
+                del self.waiting_key[domain]
 
 
 def _prefixed_rng(first: bytes, rng: Rng) -> Rng:
@@ -2427,10 +2274,661 @@ def _prefixed_rng(first: bytes, rng: Rng) -> Rng:
     return draw
 
 
+class Names:
+    """NIS (PROTOCOL.md 5.3, 5.4): the NIS map and its bound, our own record,
+    and the questions we ask and forward."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+        self.stores = node.stores
+        self.expiry = {d: r["expires"] for d, r in self.stores.nis.items()   # bounds the map
+                       if d != node.domain}
+        self.queries: dict[str, Query] = {}
+        self.seen_queries: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    # -- the map and our record (5.3) ---------------------------------------------
+
+    @property
+    def record(self) -> dict:
+        return self.stores.nis[self.node.domain]
+
+    def refresh_record(self, now: float) -> bool:
+        """Re-sign our record when its host/port changed or it nears expiry (5.3),
+        and announce it to every open peer."""
+        config, domain = self.node.config, self.node.domain
+        old = self.stores.nis.get(domain)
+        host = config.host
+        port = config.port if host is not None else 0     # (the rule of make_record)
+        if (old is not None and old["host"] == host and old["port"] == port
+                and old["expires"] - now > RECORD_REFRESH):
+            return False
+        seq = max(int(now), old["seq"] + 1 if old else 0)
+        record = make_record(self.node.identity, host, port, seq, int(now) + RECORD_LIFETIME, self.node.rng)
+        self.stores.nis[domain] = record
+        for peer in self.node.links.open.values():
+            self.node.links.send(peer, {"type": "peers", "records": [record]})
+        return True
+
+    def known_record(self, domain: str, now: float) -> dict | None:
+        """An unexpired record for `domain` (not our own) from the map."""
+        record = self.stores.nis.get(domain)
+        if record is None or record["expires"] <= now:
+            return None
+        return record
+
+    def record_of(self, domain: str, now: float) -> dict | None:
+        """Our own record, or an unexpired one from the map."""
+        return self.record if domain == self.node.domain else self.known_record(domain, now)
+
+    def learn_record(self, record: dict, now: float) -> bool:
+        """Keep a verified record if it is newer than ours for that domain (5.3);
+        then the peer set learns its address and waiting mail its key."""
+        domain = record["domain"]
+        if domain == self.node.domain or not record_supersedes(record, self.stores.nis.get(domain)):
+            return False
+        self.stores.nis[domain] = record
+        self.expiry[domain] = record["expires"]
+        if len(self.expiry) > MAX_NIS_RECORDS:
+            # The soonest to expire goes, unless we need it: a peer's, or that of
+            # a node we hold something for or wait to write to (5.3).
+            keep = {domain, *self.node.links.open, *self.node.delivery.domains_needed()}
+            victims = [d for d in self.expiry if d not in keep]
+            if victims:
+                victim = min(victims, key=self.expiry.get)
+                del self.expiry[victim], self.stores.nis[victim]
+        if record["host"] is not None:
+            self.node.peerset.record_learned(record)
+        self.node.outbox.record_learned(domain, now)
+        return True
+
+    def sweep(self, now: float) -> None:
+        """Records past their expiry leave the map (7.7)."""
+        for domain in [d for d, expires in self.expiry.items() if expires <= now]:
+            del self.expiry[domain], self.stores.nis[domain]
+
+    # -- lookups (5.4) ------------------------------------------------------------
+
+    def lookup(self, domain: str, now: float) -> dict | None:
+        """A record from the NIS map, or None and a nis_query on its way."""
+        try:
+            check_domain(domain)
+        except RemoteError as exc:
+            raise local_error(exc)
+        record = self.record_of(domain, now)
+        if record is None:
+            self.ask(domain, now)
+        return record
+
+    def ask(self, domain: str, now: float) -> None:
+        """Ask every open peer for `domain`'s record (5.4).  A question already
+        pending goes to the peers not asked yet; with no peer to ask, the
+        lookup fails at once rather than after a timeout nobody can change."""
+        query = next((q for q in self.queries.values() if q.domain == domain and q.origin is None), None)
+        peers = self.node.links.open_peers(now)
+        if query is None and not peers:
+            self.failed(domain, now)
+            return
+        if query is None:
+            query = Query(self.node.rng(QUERY_ID).hex(), domain, None, now + NIS_TIMEOUT)
+            self.queries[query.qid] = query
+            self.seen_query(query.qid)
+        for peer in peers:
+            if peer.conn not in query.asked:
+                self.node.links.send(peer, {"type": "nis_query", "qid": query.qid, "domain": domain,
+                                            "hops": NIS_HOPS})
+                query.asked.add(peer.conn)
+
+    def failed(self, domain: str, now: float) -> None:
+        self.node.outbox.lookup_failed(domain, now)
+        self.node.event("nis_result", domain=domain, record=None)
+
+    def seen_query(self, qid: str) -> bool:
+        if qid in self.seen_queries:
+            return True
+        self.seen_queries[qid] = None
+        if len(self.seen_queries) > SEEN_QUERIES:
+            self.seen_queries.popitem(last=False)
+        return False
+
+    def handle_nis_query(self, peer: Peer, frame: dict, now: float) -> None:
+        """Answer from the map, or forward with one hop less and remember the way back."""
+        if self.seen_query(frame["qid"]):
+            return                              # flooding brings duplicates; not a fault
+        domain = frame["domain"]
+        record = self.record_of(domain, now)
+        if record is not None:
+            self.node.links.send(peer, {"type": "nis_answer", "qid": frame["qid"], "record": record})
+            return
+        if frame["hops"] == 0 or len(self.queries) >= MAX_QUERIES:
+            return
+        query = Query(frame["qid"], domain, peer.conn, now + NIS_TIMEOUT)
+        forward = {"type": "nis_query", "qid": frame["qid"], "domain": domain, "hops": frame["hops"] - 1}
+        for other in self.node.links.open_peers(now, exclude=peer):
+            self.node.links.send(other, forward)
+            query.asked.add(other.conn)
+        if query.asked:
+            self.queries[query.qid] = query
+
+    def handle_nis_answer(self, peer: Peer, frame: dict, now: float) -> None:
+        query = self.queries.get(frame["qid"])
+        if query is None or peer.conn not in query.asked:
+            return                              # late or unasked: cheap to drop, not a fault
+        query.asked.discard(peer.conn)          # one answer per peer asked
+        try:
+            record = verify_nis_answer(frame, query.domain, int(now))
+        except RemoteError as exc:
+            self.node.links.misbehaved(peer, forgery_event(exc), exc.message, now)
+            return
+        self.node.links.reward(peer, "nis_answer", now)
+        self.learn_record(record, now)
+        if query.answered:
+            return
+        query.answered = True
+        origin = self.node.links.peers.get(query.origin) if query.origin is not None else None
+        if query.origin is None:
+            self.node.event("nis_result", domain=query.domain, record=record)
+        elif origin is not None and origin.state == "open":
+            self.node.links.send(origin, {"type": "nis_answer", "qid": query.qid, "record": record})
+
+    def tick(self, now: float) -> None:
+        """Questions past their deadline are dropped; ours that found nothing fail."""
+        for qid, query in list(self.queries.items()):
+            if query.deadline <= now:
+                del self.queries[qid]
+                if query.origin is None and not query.answered:
+                    self.failed(query.domain, now)
+
+    def connection_gone(self, conn: int) -> None:
+        for query in self.queries.values():
+            query.asked.discard(conn)
+
+
+@dataclasses.dataclass
+class DialState:
+    """The reconnect backoff of one dial target (5.5).  For a known peer it is
+    also kept, as `fails` and `next`, in its durable entry."""
+
+    failures: int = 0
+    next: float = 0.0
+
+
+class PeerSet:
+    """Who this node dials (PROTOCOL.md 5.5): bootstrap and known peers, the
+    outbound target, direct dials for own objects, reconnect backoff, and
+    peer exchange (getpeers / peers)."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+        self.stores = node.stores
+        self.dialing: dict[str, float] = {}     # dial target -> since
+        self.backoff: dict[str, DialState] = {}
+
+    # -- the backoff record of a target ---------------------------------------------
+
+    def state(self, target: str) -> DialState:
+        """A target's backoff; a known peer's starts from its durable entry."""
+        if target in self.backoff:
+            return self.backoff[target]
+        known = self.stores.peers.get(target, {})
+        return DialState(known.get("fails", 0), known.get("next", 0))
+
+    def may_dial(self, target: str, now: float) -> bool:
+        """Not waiting out a reconnect backoff (the one rule, for every dial)."""
+        return self.state(target).next <= now
+
+    def dial_in_flight(self, target: str) -> bool:
+        return target in self.dialing
+
+    def connecting(self, target: str) -> bool:
+        """A dial of ours to this target is in flight, or a connection to it is
+        proven: a node never dials a domain twice at once (5.5).  An inbound
+        hello alone proves nothing (anyone can replay a record), so it counts
+        only once its auth has verified."""
+        return target in self.dialing or any(
+            (p.outbound and target in (p.target, p.expect)) or (p.verified and p.domain == target)
+            for p in self.node.links.peers.values())
+
+    def outbound_count(self) -> int:
+        return sum(p.outbound for p in self.node.links.peers.values()) + len(self.dialing)
+
+    def dial(self, host: str, port: int, domain: str | None, now: float) -> None:
+        action = Dial(host, port, domain)
+        self.dialing[action.target] = now
+        self.node.act(action)
+
+    # -- outcomes of dials ----------------------------------------------------------
+
+    def dial_answered(self, dial: Dial) -> None:
+        """The TCP connection of a dial is up; the handshake decides the rest."""
+        self.dialing.pop(dial.target, None)
+
+    def dial_worked(self, peer: Peer, now: float) -> None:
+        """An outbound handshake completed: the address is this domain's (5.5)."""
+        self.backoff.pop(peer.target, None)
+        self.backoff.pop(peer.domain, None)
+        host, port = peer.address
+        self.remember(peer.domain, {"host": host, "port": port, "fails": 0, "next": 0, "seen": int(now)})
+
+    def dial_failed(self, dial: Dial | None, now: float) -> None:
+        """The shell could not connect, or the connection ended before its
+        handshake (5.5): back off, and relay what waited for a direct dial."""
+        if dial is not None:
+            self.failed(dial.target, now)
+
+    def failed(self, target: str, now: float) -> None:
+        if target in self.node.links.open:
+            return
+        self.dialing.pop(target, None)
+        state = self.backoff[target] = self.state(target)
+        state.next = now + backoff(state.failures, DIAL_RETRY_FIRST, DIAL_RETRY_MAX)
+        state.failures += 1
+        known = self.stores.peers.get(target)
+        if known is not None:
+            known.update(fails=state.failures, next=int(state.next))
+            self.stores.peers[target] = known
+        self.node.delivery.dial_failed(target, now)
+
+    def expire_dials(self, now: float) -> None:
+        """A dial the shell never reported back on is given up (5.5)."""
+        for target, since in list(self.dialing.items()):
+            if now - since > DIAL_TIMEOUT + HANDSHAKE_TIMEOUT:
+                self.failed(target, now)
+
+    # -- whom to dial ---------------------------------------------------------------
+
+    def dial_domain(self, domain: str, now: float) -> bool:
+        """Dial `domain` from its record, if that is possible now (5.5: direct
+        connections).  True while a dial is in flight or a connection is being
+        made; False if there is no host, or it may not be dialled now."""
+        if self.connecting(domain):
+            return True
+        record = self.node.names.known_record(domain, now)
+        if (not self.may_dial(domain, now) or record is None or record["host"] is None
+                or self.node.reputation.banned(domain_subject(domain), int(now))
+                or self.outbound_count() >= self.node.config.max_outbound):
+            return False
+        self.dial(record["host"], record["port"], domain, now)
+        return True
+
+    def maintain(self, now: float) -> None:
+        """Keep `target_outbound` outbound connections (5.5): bootstrap peers
+        first, then known peers, most recently seen first."""
+        config, links = self.node.config, self.node.links
+        outbound = self.outbound_count()
+        known = sorted(self.stores.peers.items(), key=lambda kv: -kv[1].get("seen", 0))
+        candidates = [(k["host"], k["port"], domain) for domain, k in known]
+        addresses = {(host, port) for host, port, _ in candidates}
+        candidates[:0] = [(host, port, None) for host, port in config.bootstrap
+                          if (host, port) not in addresses]
+        connected = {(p.address or (None, None)) for p in links.peers.values()}
+        for host, port, domain in candidates:
+            if outbound >= config.target_outbound:
+                break
+            target = Dial(host, port, domain).target
+            if (domain in links.open or domain == self.node.domain or self.connecting(target)
+                    or (host, port) in connected or not self.may_dial(target, now)
+                    or (domain and self.node.reputation.banned(domain_subject(domain), int(now)))):
+                continue
+            self.dial(host, port, domain, now)
+            outbound += 1
+
+    # -- known peers ------------------------------------------------------------------
+
+    def remember(self, domain: str, entry: dict) -> None:
+        """Keep an address for reconnecting, within MAX_KNOWN_PEERS: the entry
+        with most failures, then least recently seen, makes room (5.5)."""
+        self.stores.peers[domain] = entry
+        if len(self.stores.peers) > MAX_KNOWN_PEERS:
+            open_ = self.node.links.open
+            candidates = [(d, e) for d, e in self.stores.peers.items() if d not in open_ and d != domain]
+            if candidates:
+                worst = max(candidates, key=lambda kv: (kv[1].get("fails", 0), -kv[1].get("seen", 0)))
+                del self.stores.peers[worst[0]]
+
+    def record_learned(self, record: dict) -> None:
+        """A record with a host: its address becomes (or stays) a known peer (5.3)."""
+        known = self.stores.peers.get(record["domain"], {"fails": 0, "next": 0, "seen": 0})
+        self.remember(record["domain"], {**known, "host": record["host"], "port": record["port"]})
+
+    def sweep(self, now: float) -> None:
+        """Forget addresses that stopped working (5.5, 7.7)."""
+        for domain, known in list(self.stores.peers.items()):
+            if known.get("fails", 0) >= KNOWN_PEER_FAILURES and known.get("seen", 0) < now - MAX_TTL:
+                del self.stores.peers[domain]
+
+    # -- peer exchange (5.5) --------------------------------------------------------
+
+    def handle_getpeers(self, peer: Peer, frame: dict, now: float) -> None:
+        """Records of reachable peers, ours first."""
+        names, links = self.node.names, self.node.links
+        records = [names.record] if names.record["host"] else []
+        current = (names.known_record(p.domain, now) for p in links.open.values() if p is not peer)
+        others = [r for r in current if r is not None and r["host"] is not None]
+        random.Random(self.node.rng(8)).shuffle(others)
+        records += others[:MAX_PEER_RECORDS - len(records)]
+        links.send(peer, {"type": "peers", "records": records})
+
+    def handle_peers(self, peer: Peer, frame: dict, now: float) -> None:
+        """Records from a peer: an answer to getpeers or an announcement.  A record
+        newer than the one we had is passed on, so refreshes spread (5.3)."""
+        if len(frame["records"]) > MAX_PEER_RECORDS:
+            raise RemoteError("too_large", f"more than {MAX_PEER_RECORDS} records")
+        fresher = []
+        for record in frame["records"]:
+            domain = record.get("domain") if isinstance(record, dict) else None
+            known = self.stores.nis.get(domain) if isinstance(domain, str) else None
+            if known is not None and type(record.get("seq")) is int and record["seq"] <= known["seq"]:
+                continue                        # nothing new: not worth an RSA verification
+            try:
+                verify_record(record, int(now), "peers.record")
+            except RemoteError as exc:
+                self.node.links.misbehaved(peer, forgery_event(exc), exc.message, now)
+                continue
+            known = record["domain"] in self.stores.nis
+            if self.node.names.learn_record(record, now) and known:
+                fresher.append(record)
+        if fresher:
+            for other in self.node.links.open_peers(now, exclude=peer):
+                self.node.links.send(other, {"type": "peers", "records": fresher})
+
+
+# -- The frame table (PROTOCOL.md 8.2) ------------------------------------------
+# Each frame type: the fields it must carry (checked by verify_frame), the
+# connection states that accept it (anything else is not_ready), and the
+# engine method that handles it.  In state "confirm" a frame of an open-state
+# type first opens the link (Links.unwrap), then is handled as in "open".
+
+@dataclasses.dataclass(frozen=True)
+class FrameType:
+    fields: dict[str, Callable[[Any, str], Any]]
+    states: tuple[str, ...]
+    engine: type                        # the engine class that handles it ...
+    handler: Callable[..., None]        # ... and its method: handler(engine, peer, frame, now)
+
+
+OPEN = ("open",)
+FRAME_TYPES: dict[str, FrameType] = {
+    "hello":      FrameType({"v": check_int, "record": check_dict, "nonce": check_str,
+                             "agent": check_short_text(MAX_AGENT)},
+                            ("hello",), Links, Links.handle_hello),
+    "auth":       FrameType({"secret": check_str, "sig": check_str},
+                            ("auth",), Links, Links.handle_auth),
+    "mail":       FrameType({"hops": check_hops(MAX_HOPS), "mail": check_dict},
+                            OPEN, Delivery, Delivery.handle_mail),
+    "ack":        FrameType({"hops": check_hops(MAX_HOPS), "ack": check_dict},
+                            OPEN, Delivery, Delivery.handle_ack),
+    "nis_query":  FrameType({"qid": check_hex_id, "domain": check_domain, "hops": check_hops(NIS_HOPS)},
+                            OPEN, Names, Names.handle_nis_query),
+    "nis_answer": FrameType({"qid": check_hex_id, "record": check_dict},
+                            OPEN, Names, Names.handle_nis_answer),
+    "getpeers":   FrameType({}, OPEN, PeerSet, PeerSet.handle_getpeers),
+    "peers":      FrameType({"records": check_list}, OPEN, PeerSet, PeerSet.handle_peers),
+    "ping":       FrameType({}, OPEN, Links, Links.handle_ping),
+    "pong":       FrameType({}, OPEN, Links, Links.handle_pong),
+    "error":      FrameType({"code": check_short_text(MAX_ERROR_CODE),
+                             "message": check_short_text(MAX_ERROR_MESSAGE)},
+                            ("hello", "auth", "confirm", "open"), Links, Links.handle_error),
+}
+
+
+def verify_frame(frame: dict) -> dict:
+    """Check a decoded frame's type and fields against FRAME_TYPES (8.2: types
+    and ranges only; the objects inside are their handlers' to check)."""
+    spec = FRAME_TYPES.get(frame["type"])
+    if spec is None:
+        raise RemoteError("unknown_type", f"unknown frame type {frame['type'][:40]!r}")
+    return check_fields(frame, spec.fields, frame["type"])
+
+
+class Node:
+    """A Secral node's protocol engine (PROTOCOL.md sections 5, 7, 8 and 9).
+
+    Inputs -- each takes `now` (Unix seconds, a float) and returns the list of
+    actions (Send, Close, Dial, Event) for the shell to carry out:
+        connection_made(conn, ip, now, dialled)    a TCP connection is up
+        line_received(conn, line, now, arrived)    one line from a peer
+        line_too_long(conn, now)                   a line past MAX_LINE
+        connection_lost(conn, now)                 the connection is gone
+        dial_failed(dial, now)                     a Dial could not connect
+        tick(now)                                  time passed (twice a second)
+        submit(...), cancel(...), lookup(...)      a user's request (these also
+                                                   return a value: id, entry, record)
+        learn_record(record, now), refresh_record(now), transmit(conn, frame)
+        close_all(now)                             the node is stopping
+    Questions, answered without actions: status(now), admits(ip, now),
+    open_peer_list(now), score(domain, now).
+
+    Events: peer_open, peer_closed, mail_received, mail_rejected, mail_status
+    (an outbox status changed), nis_result, banned, refused (a peer refused an
+    object), misbehaved (a peer was scored), peer_error (a peer's error frame).
+
+    Engines, and the calls between them -- a porter's checklist:
+        Links (8, 9)      connection_made -> PeerSet.dial_answered
+                          open_link -> PeerSet.dial_worked, Names.learn_record,
+                                       Delivery.peer_opened (hands over what it holds),
+                                       Outbox.peer_opened (asks Names for waiting keys)
+                          drop -> PeerSet.dial_failed (a dial that never opened),
+                                  Delivery.connection_gone, Names.connection_gone
+                          handle_error with ref -> Delivery.refused
+                          dispatch -> the handler in FRAME_TYPES
+        Delivery (7)      route -> PeerSet.dial_domain (own objects only)
+                          offer, sweep -> Outbox.set_status (sent, expired)
+                          handle_ack -> Outbox.ack_arrived (our own mail's end)
+        Outbox (7.5)      submit, seal_waiting, sweep -> Names.ask
+                          a sealed mail -> Delivery.add, Delivery.route
+                          to ourselves -> Delivery.deliver_local
+        Names (5.3, 5.4)  learn_record -> PeerSet.record_learned (the address),
+                                          Outbox.record_learned (seals waiting mail)
+                          a lookup failed -> Outbox.lookup_failed (the entry notes it)
+                          the map's bound asks Delivery.domains_needed
+        PeerSet (5.5)     a dial failed -> Delivery.dial_failed (relays what waited)
+                          peer exchange -> Names.learn_record
+    Each engine sends through Links.send and scores through Links.misbehaved
+    and Links.reward; all of them share this facade's actions, stores,
+    reputation table, config and rng.
+    """
+
+    def __init__(self, identity: Identity, stores: "Stores", config: Config, now: float,
+                 rng: Rng = os.urandom):
+        self.identity = identity
+        self.domain = identity.domain
+        self.stores = stores
+        self.config = config
+        self.rng = rng
+        self.reputation = Reputation(stores.reputation)
+        self.actions: list[Action] = []
+        self.links = Links(self)
+        self.names = Names(self)
+        self.peerset = PeerSet(self)
+        self.delivery = Delivery(self)
+        self.outbox = Outbox(self)
+        engines = {type(e): e for e in (self.links, self.names, self.peerset, self.delivery)}
+        self.handlers = {name: functools.partial(spec.handler, engines[spec.engine])
+                         for name, spec in FRAME_TYPES.items()}
+        self.next_sweep = now
+        self.next_maintain = now
+        self.next_flush = now + REPUTATION_FLUSH
+        if DEFAULT_USER.lower() not in stores.users:
+            stores.users[DEFAULT_USER.lower()] = {"name": DEFAULT_USER, "created": int(now)}
+        self.delivery.load(now)
+        self.outbox.load(now)
+        self.names.refresh_record(now)
+
+    # -- shared by the engines ---------------------------------------------------
+
+    def act(self, action: Action) -> None:
+        self.actions.append(action)
+
+    def event(self, name: str, **data: Any) -> None:
+        self.actions.append(Event(name, data))
+
+    def take(self) -> list[Action]:
+        actions, self.actions = self.actions, []
+        return actions
+
+
+    def score(self, domain: str, now: float) -> int:
+        return self.reputation.score(domain_subject(domain), int(now))
+
+    # -- inputs --------------------------------------------------------------------
+
+    def connection_made(self, conn: int, ip: str, now: float, dialled: Dial | None = None) -> list[Action]:
+        self.links.connection_made(conn, ip, now, dialled)
+        return self.take()
+
+    def line_received(self, conn: int, line: bytes, now: float, arrived: float | None = None) -> list[Action]:
+        """`arrived` is when the line came off the socket: the rate limit judges
+        the peer by its sending, not by how late we got round to reading."""
+        self.links.line_received(conn, line, now, now if arrived is None else arrived)
+        return self.take()
+
+    def line_too_long(self, conn: int, now: float) -> list[Action]:
+        self.links.line_too_long(conn, now)
+        return self.take()
+
+    def connection_lost(self, conn: int, now: float) -> list[Action]:
+        peer = self.links.peers.get(conn)
+        if peer is not None:
+            self.links.drop(peer, "closed", now)
+        return self.take()
+
+    def dial_failed(self, dial: Dial, now: float) -> list[Action]:
+        """The shell could not connect to a Dial's host."""
+        self.peerset.dial_failed(dial, now)
+        return self.take()
+
+    def tick(self, now: float) -> list[Action]:
+        """Timeouts, keepalives, retries, expiry, and the outbound peer set."""
+        self.peerset.expire_dials(now)
+        self.links.tick(now)
+        self.names.tick(now)
+        self.delivery.retry(now)
+        if now >= self.next_sweep:
+            self.next_sweep = now + SWEEP_SECONDS
+            self.sweep(now)
+        if now >= self.next_maintain:
+            self.next_maintain = now + MAINTAIN_SECONDS
+            self.names.refresh_record(now)
+            self.peerset.maintain(now)
+        if now >= self.next_flush:
+            self.next_flush = now + REPUTATION_FLUSH
+            self.reputation.flush(int(now))
+            self.delivery.save_seen()
+        return self.take()
+
+    def sweep(self, now: float) -> None:
+        """Drop what has expired (7.7)."""
+        self.delivery.sweep(now)
+        self.outbox.sweep(now)
+        self.names.sweep(now)
+        self.peerset.sweep(now)
+
+    def submit(self, user: str, to: str, subject: str, body: str, now: float,
+               ttl: int = MAX_TTL) -> tuple[str, list[Action]]:
+        return self.outbox.submit(user, to, subject, body, now, ttl), self.take()
+
+    def cancel(self, mail_id: str, now: float) -> tuple[dict, list[Action]]:
+        return self.outbox.cancel(mail_id, now), self.take()
+
+    def lookup(self, domain: str, now: float) -> tuple[dict | None, list[Action]]:
+        """A record from the NIS map, or None and a nis_query on its way (5.4)."""
+        return self.names.lookup(domain, now), self.take()
+
+    def learn_record(self, record: dict, now: float) -> list[Action]:
+        """Learn a record verified elsewhere (tools and tests)."""
+        self.names.learn_record(record, now)
+        return self.take()
+
+    def refresh_record(self, now: float) -> list[Action]:
+        self.names.refresh_record(now)
+        return self.take()
+
+    def transmit(self, conn: int, frame: dict) -> list[Action]:
+        """Send any frame on a connection, MAC'd like our own (for tools and tests)."""
+        peer = self.links.peers.get(conn)
+        if peer is not None:
+            self.links.send(peer, frame)
+        return self.take()
+
+    def close_all(self, now: float) -> list[Action]:
+        """The node is stopping: say so to every peer and save the scores."""
+        for peer in list(self.links.peers.values()):
+            self.links.close(peer, "shutdown", "the node is stopping", now)
+        self.reputation.flush(int(now))
+        self.delivery.save_seen()
+        return self.take()
+
+    # -- questions -------------------------------------------------------------------
+    # Views of the engines' state for tools and tests: read them, never write.
+
+    @property
+    def record(self) -> dict:
+        return self.names.record
+
+    def known_record(self, domain: str, now: float) -> dict | None:
+        return self.names.known_record(domain, now)
+
+    @property
+    def peers(self) -> dict[int, Peer]:
+        return self.links.peers
+
+    @property
+    def open(self) -> dict[str, Peer]:
+        return self.links.open
+
+    @property
+    def items(self) -> dict[str, Item]:
+        return self.delivery.items
+
+    @property
+    def seen(self) -> dict[str, int]:
+        return self.delivery.seen
+
+    @property
+    def quota(self) -> RelayQuota:
+        return self.delivery.quota
+
+    @property
+    def dialing(self) -> dict[str, float]:
+        return self.peerset.dialing
+
+    @property
+    def dial_backoff(self) -> dict[str, DialState]:
+        """Dial targets with failures behind them (5.5)."""
+        return self.peerset.backoff
+
+    def backing_off(self, target: str, now: float) -> bool:
+        return not self.peerset.may_dial(target, now)
+
+    def admits(self, ip: str, now: float) -> bool:
+        """Whether a connection from `ip` is worth a thread: not banned (9.2)."""
+        return not self.reputation.banned(ip_subject(ip), int(now))
+
+    def status(self, now: float) -> dict:
+        """What this node holds and whom it talks to (the control port's status)."""
+        relayed = [i for i in self.items.values() if i.store == "relay"]
+        outbox = collections.Counter(e["status"] for e in self.stores.outbox.values())
+        return {
+            "domain": self.domain, "peers": len(self.open), "connections": len(self.peers),
+            "inbox": len(self.stores.inbox), "outbox": dict(sorted(outbox.items())),
+            "relay": {"mail": sum(i.kind == "mail" for i in relayed),
+                      "ack": sum(i.kind == "ack" for i in relayed),
+                      "bytes": self.quota.bytes, "keys": sorted(i.key for i in relayed)},
+            "seen": len(self.seen), "nis_records": len(self.stores.nis),
+            "known_peers": len(self.stores.peers),
+            "banned": len(self.reputation.bans(int(now))), "time": int(now)}
+
+    def open_peer_list(self, now: float) -> list[dict]:
+        return [{"domain": p.domain, "host": p.record["host"], "port": p.record["port"],
+                 "ip": p.ip, "direction": "outbound" if p.outbound else "inbound",
+                 "score": self.score(p.domain, now), "since": int(p.opened)}
+                for p in sorted(self.open.values(), key=lambda p: p.domain)]
+
+
 # =============================================================================
 # Stores
 # =============================================================================
-# DESIGN 2.  Each store is a shelve.Shelf over a one-table SQLite database:
+# Appendix B.  Each store is a shelve.Shelf over a one-table SQLite database:
 # WAL journal, one transaction per write, synchronous=FULL where losing a
 # write would lose mail.  Not dbm.dumb (neither crash- nor thread-safe) and
 # not Python 3.13's dbm.sqlite3 (its connection refuses other threads).
@@ -2513,7 +3011,7 @@ class JsonShelf(shelve.Shelf):
         return json.loads(self.dict[key.encode(self.keyencoding)])
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self.dict[key.encode(self.keyencoding)] = json.dumps(value, sort_keys=True).encode()
+        self.dict[key.encode(self.keyencoding)] = json.dumps(value, sort_keys=True, allow_nan=False).encode()
 
 
 class MemoryStore(dict):
@@ -2525,7 +3023,7 @@ class MemoryStore(dict):
         return json.loads(super().__getitem__(key))
 
     def __setitem__(self, key: str, value: Any) -> None:
-        super().__setitem__(key, json.dumps(value, sort_keys=True))
+        super().__setitem__(key, json.dumps(value, sort_keys=True, allow_nan=False))
 
     def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
@@ -2684,8 +3182,8 @@ class Connection:
             self.cond.notify()
 
     def _write_loop(self) -> None:
-        rate = float(self.shell.core.config.send_rate)   # below the peer's limit (9.3)
-        allowance, stamp = rate, time.monotonic()
+        rate = self.shell.core.config.send_rate          # below the peer's limit (9.3)
+        pace = TokenBucket(rate, rate, time.monotonic())
         try:
             while True:
                 with self.cond:
@@ -2695,14 +3193,9 @@ class Connection:
                         break
                     line = self.queue.popleft()
                     self.queued -= len(line)
-                # Pace ourselves below the peer's rate limit (9.3).
-                now = time.monotonic()
-                allowance = min(rate, allowance + (now - stamp) * rate)
-                stamp = now
-                if allowance < 1:
-                    time.sleep((1 - allowance) / rate)
-                    allowance = 1
-                allowance -= 1
+                delay = pace.reserve(time.monotonic())      # pace below the peer's limit (9.3)
+                if delay:
+                    time.sleep(delay)
                 self.sock.sendall(line)
         except OSError:
             pass
@@ -2783,6 +3276,25 @@ class Clock:
 
     def __call__(self) -> float:
         return time.time() + self.offset
+
+
+EVENT_LOG: dict[str, tuple[int, Callable[[dict], str]]] = {
+    # event          level, line (ids, addresses and sizes only: never a subject or a body)
+    "peer_open":     (logging.INFO, lambda d: f"peer {d['domain']} connected ({d['ip']}, "
+                                              f"{'outbound' if d['outbound'] else 'inbound'})"),
+    "peer_closed":   (logging.INFO, lambda d: f"peer {d['domain']} disconnected ({d['reason']})"),
+    "peer_error":    (logging.INFO, lambda d: f"peer {d['domain'] or d['ip']} says {d['code']}: {d['message']}"),
+    "misbehaved":    (logging.INFO, lambda d: f"peer {d['domain'] or d['ip']}: {d['event']} ({d['message']}) "
+                                              f"-> score {d['score']}"),
+    "banned":        (logging.WARNING, lambda d: f"banned {d['domain'] or '-'} ({d['ip']}) until "
+                                                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(d['until']))}"),
+    "mail_received": (logging.INFO, lambda d: f"mail {d['key'].rsplit('/', 1)[-1][:12]} for {d['user']} "
+                                              f"from {d['sender']} ({d['size']} bytes sealed)"),
+    "mail_rejected": (logging.INFO, lambda d: f"rejected mail {d['id'][:12]} from {d['sender']}: {d['reason']}"),
+    "mail_status":   (logging.INFO, lambda d: f"outbox {d['id'][:12]}: {d['status']}"
+                                              + (f" ({d['reason']})" if d["reason"] else "")),
+    "nis_result":    (logging.INFO, lambda d: f"NIS {d['domain']}: {'found' if d['record'] else 'not found'}"),
+}
 
 
 class NodeShell:
@@ -2868,22 +3380,9 @@ class NodeShell:
                 self.changed.notify_all()
 
     def _log_event(self, event: Event) -> None:
-        d = event.data
-        if event.name == "peer_open":
-            log.info("peer %s connected (%s, %s)", d["domain"], d["ip"],
-                     "outbound" if d["outbound"] else "inbound")
-        elif event.name == "peer_closed":
-            log.info("peer %s disconnected (%s)", d["domain"], d["reason"])
-        elif event.name == "mail_received":
-            log.info("mail %s for %s from %s (%d bytes sealed)", d["key"].rsplit("/", 1)[-1][:12],
-                     d["user"], d["sender"], d["size"])
-        elif event.name == "mail_status":
-            log.info("outbox %s: %s%s", d["id"][:12], d["status"], f" ({d['reason']})" if d["reason"] else "")
-        elif event.name == "banned":
-            log.warning("banned %s (%s) until %s", d["domain"] or "-", d["ip"],
-                        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["until"])))
-        elif event.name == "nis_result":
-            log.info("NIS %s: %s", d["domain"], "found" if d["record"] else "not found")
+        level, text = EVENT_LOG.get(event.name, (None, None))
+        if level is not None:
+            log.log(level, text(event.data))
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float) -> Any:
         """Wait (holding no lock while asleep) until predicate() is truthy."""
@@ -2908,15 +3407,14 @@ class NodeShell:
 
     def ip_banned(self, ip: str) -> bool:
         with self.lock:
-            return self.core.reputation.banned(f"ip:{ip}", int(self.clock()))
+            return not self.core.admits(ip, self.clock())
 
     def _dial(self, dial: Dial) -> None:
-        target = dial.domain or f"{dial.host}:{dial.port}"
         try:
             sock = socket.create_connection((dial.host, dial.port), timeout=DIAL_TIMEOUT)
         except (OSError, UnicodeError, ValueError) as exc:   # unreachable, or not a usable name
             log.info("cannot reach %s (%s:%d): %s", dial.domain or "peer", dial.host, dial.port, exc)
-            self.call("dial_failed", target)
+            self.call("dial_failed", dial)
             return
         ip = sock.getpeername()[0]
         Connection(self, sock, ip, dial).run()
@@ -3101,12 +3599,6 @@ def find_by_prefix(entries: list[tuple[str, dict]], prefix: str, what: str) -> t
     return matches[0]
 
 
-def local_error(exc: RemoteError) -> LocalError:
-    """A rule of the protocol broken by the local user's own input is the
-    user's error, not a peer's (the same code, a local class)."""
-    return LocalError(exc.code, exc.message)
-
-
 class Control:
     """The commands a running node serves to its owner (README: command line).
     Each cmd_<name> takes keyword arguments and returns JSON-able data; the
@@ -3158,21 +3650,8 @@ class Control:
 
     def cmd_status(self) -> dict:
         """What this node holds: its mail, what it keeps for others, its peers."""
-        now = self._now()
         with self.shell.lock:
-            core = self.core
-            relayed = [i for i in core.items.values() if i.store == "relay"]
-            outbox = collections.Counter(e["status"] for e in self.stores.outbox.values())
-            return {
-                "domain": core.domain, "peers": len(core.open), "connections": len(core.peers),
-                "inbox": len(self.stores.inbox), "outbox": dict(sorted(outbox.items())),
-                "relay": {"mail": sum(i.kind == "mail" for i in relayed),
-                          "ack": sum(i.kind == "ack" for i in relayed),
-                          "bytes": core.relay_usage["bytes"],
-                          "keys": sorted(i.key for i in relayed)},
-                "seen": len(core.seen), "nis_records": len(self.stores.nis),
-                "known_peers": len(self.stores.peers),
-                "banned": len(core.reputation.bans(int(now))), "time": int(now)}
+            return self.core.status(self._now())
 
     def cmd_peers(self, banned: bool = False) -> list[dict]:
         now = self._now()
@@ -3180,17 +3659,11 @@ class Control:
             if banned:
                 return [{"subject": subject, "until": entry["until"], "bans": entry["bans"]}
                         for subject, entry in self.core.reputation.bans(int(now))]
-            return [{"domain": p.domain, "host": p.record["host"], "port": p.record["port"],
-                     "ip": p.ip, "direction": "outbound" if p.outbound else "inbound",
-                     "score": self.core.score(p.domain, now), "since": int(p.opened)}
-                    for p in sorted(self.core.open.values(), key=lambda p: p.domain)]
+            return self.core.open_peer_list(now)
 
     def cmd_nis_lookup(self, domain: str, timeout: float = NIS_TIMEOUT) -> dict:
         domain = domain.strip().lower()
-        try:
-            record = self.shell.call("lookup", domain)
-        except RemoteError as exc:
-            raise local_error(exc)
+        record = self.shell.call("lookup", domain)
         if record is None:
             record = self.shell.wait_for(lambda: self.core.known_record(domain, self._now()),
                                          min(float(timeout), CONTROL_MAX_WAIT))
@@ -3207,10 +3680,7 @@ class Control:
         knows the recipient's node (the node keeps asking)."""
         with self.shell.lock:
             address = self._resolve(to)
-            try:
-                mail_id = self.shell.call("submit", user, address, subject, body, ttl=int(ttl))
-            except RemoteError as exc:
-                raise local_error(exc)
+            mail_id = self.shell.call("submit", user, address, subject, body, ttl=int(ttl))
 
         def looked_up() -> bool:
             entry = self.stores.outbox[mail_id]
@@ -3379,7 +3849,7 @@ def hash_password(password: str, salt: bytes | None = None, **params: int) -> di
     return {"salt": b64e(salt), "hash": b64e(digest), **params}
 
 
-def check_password(stored: dict | None, password: str) -> bool:
+def password_matches(stored: dict | None, password: str) -> bool:
     with _password_slots:                       # scrypt is memory-hard: a few at a time
         if stored is None:
             hash_password(password)             # the same work for unknown users
@@ -3493,7 +3963,7 @@ class MailClientHandler(socketserver.StreamRequestHandler):
         with shell.lock:
             stored = shell.stores.passwords.get(user.lower()) if USER_RE.fullmatch(user) else None
             known = shell.stores.users.get(user.lower()) if stored else None
-        return user.lower() if check_password(stored, password) and known else None
+        return user.lower() if password_matches(stored, password) and known else None
 
 
 class SmtpHandler(MailClientHandler):
@@ -3797,431 +4267,6 @@ class MailClientServer(socketserver.ThreadingTCPServer):
             self.locked.discard(user)
 
 # =============================================================================
-# Demo and benchmark
-# =============================================================================
-# `secral.py demo` shows the whole story on one machine in well under a
-# minute; `secral.py bench` measures this machine against the cost of the
-# RSA operations that bound it (DESIGN 10).  Both use real sockets on
-# 127.0.0.1 and temporary directories they remove.
-
-SEED_EDGES = ((5, 1), (1, 6), (6, 7), (1, 2), (7, 3), (2, 6), (7, 5), (4, 2), (4, 3), (2, 3), (7, 1), (2, 5))
-
-
-class WirePeer:
-    """A bare peer on a socket, for the demo, the benchmark and the tests: the
-    handshake, JSON lines and link MACs, nothing else (examples/raw_peer.py
-    does the same without secral.py)."""
-
-    def __init__(self, port: int, identity: Identity | None, source: str = "127.0.0.1"):
-        self._identity = identity
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
-        self.rfile = self.sock.makefile("rb")
-        self.tx_key = self.rx_key = None
-        self.tx_seq = self.rx_seq = 0
-
-    @property
-    def identity(self) -> Identity:
-        return self._identity
-
-    def send(self, frame: dict) -> None:
-        if self.tx_key is not None:
-            frame = add_mac(self.tx_key, self.tx_seq, frame)
-            self.tx_seq += 1
-        self.sock.sendall(encode_frame(frame))
-
-    def recv(self) -> dict | None:
-        line = self.rfile.readline(MAX_LINE + 1)
-        if not line:
-            return None
-        frame = parse_json(line)
-        if self.rx_key is not None:
-            check_mac(self.rx_key, self.rx_seq, frame)
-            self.rx_seq += 1
-        return frame
-
-    def handshake(self) -> dict:
-        """Dial (8.1): check their hello, send ours and our auth, check theirs,
-        and derive the link keys (8.4).  Returns the listener's record."""
-        hello = self.recv()
-        record = verify_record(hello["record"], int(time.time()))
-        mine = make_record(self.identity, None, 0, int(time.time()), int(time.time()) + 3600)
-        nonce, secret = os.urandom(HELLO_NONCE), os.urandom(LINK_SECRET)
-        self.send(make_hello(mine, nonce))
-        self.send(make_auth(self.identity, record, hello["nonce"], secret))
-        while (frame := self.recv()) is not None and frame["type"] != "auth":
-            if frame["type"] == "error":
-                raise RemoteError("refused" if frame["code"] not in ERROR_CODES else frame["code"],
-                                  frame["message"])
-        verify_auth(frame, record, b64e(nonce), self.identity.domain)
-        self.tx_key, self.rx_key = link_keys(secret, open_auth(self.identity, frame),
-                                             b64e(nonce), hello["nonce"])
-        self.send({"type": "ping"})             # our first MAC'd frame confirms the link
-        return record
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.rfile.close()
-            self.sock.close()
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    """python3 secral.py demo: the seed's seven-node network, narrated."""
-    started = time.monotonic()
-    say = functools.partial(print, flush=True)
-    step = iter(range(1, 8))
-    base = tempfile.mkdtemp(prefix="secral-demo-")
-    nodes: dict[int, NodeShell] = {}
-    logging.basicConfig(level=logging.ERROR, format="      (log) %(message)s")
-
-    def header(text: str) -> None:
-        say(f"\n[{next(step)}/6] {text}")
-
-    def wait(predicate: Callable[[], Any], timeout: float = 30) -> Any:
-        deadline = time.monotonic() + timeout
-        while not (value := predicate()):
-            if time.monotonic() > deadline:
-                raise LocalError("refused", "the demo timed out: " + (predicate.__doc__ or ""))
-            time.sleep(0.05)
-        return value
-
-    def name(domain: str) -> str:
-        return next((f"node {i}" for i, n in nodes.items() if n.identity.domain == domain), domain)
-
-    def start(i: int, peers: list[int]) -> NodeShell:
-        config = Config(host=None, bootstrap=tuple(("127.0.0.1", nodes[j].port) for j in peers))
-        shell = NodeShell(os.path.join(base, f"node{i}"), config, ("127.0.0.1", 0),
-                          identity=identities[i])
-        shell.start()
-        nodes[i] = shell
-        return shell
-
-    def control(i: int, cmd: str, **kwargs: Any) -> Any:
-        return getattr(nodes[i].control.control, f"cmd_{cmd}")(**kwargs)
-
-    try:
-        say("Secral demo: end-to-end encrypted mail over a peer-to-peer network, on 127.0.0.1.")
-        header("Seven nodes, as in the picture. Each needs an RSA-3072 key (a second or so each).")
-        identities = {i: Identity.generate() for i in range(1, 10)}
-        for i in range(1, 8):
-            start(i, [j for x, y in SEED_EDGES for j in (x, y) if i in (x, y) and j != i and j in nodes])
-            say(f"      node {i}  {nodes[i].identity.domain}  listening on 127.0.0.1:{nodes[i].port}")
-        header("Linking them: " + ", ".join(f"{x}–{y}" for x, y in SEED_EDGES) + ".")
-        say("      No node publishes its address, so nobody can dial around the picture:")
-        say("      mail between nodes that are not linked must be relayed.")
-        for x, y in SEED_EDGES:
-            wait(lambda: nodes[y].identity.domain in nodes[x].core.open)
-        say(f"      all {len(SEED_EDGES)} links are up.")
-
-        header("Node 5 mails node 3. They are not linked.")
-        wiretap = WirePeer(nodes[5].port, identities[8])
-        wiretap.handshake()
-        wiretap.sock.settimeout(10)            # every read has a deadline
-        wait(lambda: identities[8].domain in nodes[5].core.open)
-        say(f"      (an eavesdropper, {identities[8].domain}, has joined node 5 as an ordinary peer)")
-        say("      Node 5 asks its peers for node 3's NIS record (it needs node 3's key), seals the mail")
-        say("      with AES-256-GCM under a key only node 3 can unwrap, signs it, and hands it on.")
-        t0 = time.monotonic()
-        entry = control(5, "send", to=f"Default@{nodes[3].identity.domain}", subject="Meet at the harbour",
-                        body="Six o'clock, by the lighthouse. Bring the map.")
-        done = wait(lambda: (e := nodes[5].stores.outbox.get(entry["id"])) and e["status"] == "delivered" and e)
-        key = mail_key(nodes[5].identity.domain, entry["id"])
-        relays = [f"node {i}" for i in (1, 2, 6, 7, 4) if key in nodes[i].core.seen]
-        say(f"      delivered in {time.monotonic() - t0:.2f} s; carried by {', '.join(relays)}.")
-        say(f"      Node 3's Core signed an ack; it travelled back and node 5's outbox says \"{done['status']}\".")
-        [inbox] = control(3, "inbox")
-        read = control(3, "read", id=inbox["id"])
-        say(f"      Node 3 reads: \"{read['subject']}\" — \"{read['body']}\"")
-
-        header("What an eavesdropper sees.")
-        while (frame := wiretap.recv()) is not None and frame["type"] != "mail":
-            pass
-        seen = frame["mail"]
-        say(f"      from     {seen['from']}\n      to       {seen['to']}")
-        say(f"      size     {len(b64d(seen['ct'], 'ct'))} bytes of ciphertext: {seen['ct'][:44]}…")
-        try:
-            open_mail(identities[8], seen)
-        except RemoteError as exc:
-            say(f"      opening it with its own key fails: {exc.code} ({exc.message}).")
-        try:
-            unwrap_key(identities[8].key, b64d(seen["key"], "key"))
-        except RemoteError as exc:
-            say(f"      and unwrapping the AES key by force fails too: {exc.code}.")
-        say("      It learns who wrote to whom, when and how much — never the subject or the text.")
-        wiretap.close()
-
-        header("Node 6 goes offline; node 4 writes to it anyway.")
-        nodes[6].stop()
-        entry = control(4, "send", to=f"Default@{nodes[6].identity.domain}", subject="While you were away",
-                        body="The relays kept this for you.")
-        holders = wait(lambda: [f"node {i}" for i in (1, 2, 7)
-                                if any(k.startswith("mail/") for k in nodes[i].core.items)])
-        say(f"      node 6 is unreachable; {', '.join(holders)} {'keeps' if len(holders) == 1 else 'keep'} "
-            "the sealed mail for it "
-            f"(outbox: {nodes[4].stores.outbox[entry['id']]['status']}).")
-        say("      (they would keep it for up to 7 days; here node 6 comes back at once)")
-        start(6, [1, 7, 2])
-        wait(lambda: control(6, "inbox"))
-        say(f"      node 6 is back and receives: \"{control(6, 'inbox')[0]['subject']}\"")
-        wait(lambda: nodes[4].stores.outbox[entry["id"]]["status"] == "delivered")
-        say("      the ack reaches node 4: \"delivered\"; the relays drop their copies.")
-
-        header("A misbehaving peer connects to node 1.")
-        rogue = WirePeer(nodes[1].port, identities[9], source="127.0.0.66")
-        rogue.handshake()
-        rogue.sock.settimeout(10)
-        wait(lambda: identities[9].domain in nodes[1].core.open)
-        say(f"      {identities[9].domain} completes the handshake, then sends forged mail:")
-        mail = seal_mail(identities[9], Address(DEFAULT_USER, identities[9].domain),
-                         Address(DEFAULT_USER, nodes[1].identity.domain), nodes[1].identity.public_b64,
-                         "forged", "x", int(time.time()))
-        with contextlib.suppress(OSError):
-            for n in range(4):              # each is tampered after signing: -25 each (9.1)
-                rogue.send({"type": "mail", "hops": 8, "mail": {**mail, "id": f"{n:032x}"}})
-        while (frame := rogue.recv()) is not None:
-            if frame["type"] == "error":
-                say(f"      node 1 says: error \"{frame['code']}\": {frame['message']}")
-        rogue.close()
-        bans = control(1, "peers", banned=True)
-        say("      and bans it: " + "; ".join(f"{b['subject']} until {when(b['until'])}" for b in bans))
-        honest = control(1, "peers")
-        say("      its honest peers are untouched: " +
-            ", ".join(f"{name(p['domain'])} (score {p['score']})" for p in honest))
-        say(f"\nDone in {time.monotonic() - started:.1f} s.")
-        return 0
-    except OSError as exc:                      # a read past its deadline, a refused connection
-        raise LocalError("refused", f"the demo failed: {exc}")
-    finally:
-        for shell in nodes.values():
-            shell.stop()
-        import shutil
-        shutil.rmtree(base, ignore_errors=True)
-        say(f"Temporary data in {base} removed.")
-
-
-class BenchNode:
-    """`secral.py node` in a subprocess, for the benchmark."""
-
-    def __init__(self, base: str, name: str, *args: str):
-        self.data_dir = os.path.join(base, name)
-        os.makedirs(self.data_dir, exist_ok=True)
-        import subprocess
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "node", "--json", "--data-dir", self.data_dir,
-             "--host", "127.0.0.1", "--port", "0", "--rate", "1000000", "--send-rate", "1000000", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        banner = json.loads(self.proc.stdout.readline())     # node --json: one line once it runs
-        self.domain, self.port = banner["domain"], banner["listen"][1] if banner["listen"] else None
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-
-    def __call__(self, cmd: str, **args: Any) -> Any:
-        return call_node(self.data_dir, cmd, args, timeout=120)
-
-    def rss_kib(self) -> int | None:
-        with contextlib.suppress(OSError, ValueError, StopIteration):
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                return int(next(line for line in f if line.startswith("VmRSS")).split()[1])
-        return None
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        with contextlib.suppress(Exception):
-            self.proc.wait(timeout=30)
-
-
-def _seal_batch(job: tuple[bytes, str, str, int, int]) -> list[dict]:
-    """Seal `count` 1 KiB mails (a worker process: signing is the slow part)."""
-    pem, recipient_key, recipient_domain, count, now = job
-    identity = Identity.from_pem(pem)
-    sender, recipient = Address(DEFAULT_USER, identity.domain), Address(DEFAULT_USER, recipient_domain)
-    return [seal_mail(identity, sender, recipient, recipient_key, f"bench {n}", "x" * 1024, now)
-            for n in range(count)]
-
-
-def seal_many(identity: Identity, recipient_key: str, count: int) -> list[dict]:
-    import multiprocessing
-    workers = max(1, min(os.cpu_count() or 1, 8))
-    share = [count // workers + (i < count % workers) for i in range(workers)]
-    jobs = [(identity.to_pem(), recipient_key, domain_of_key(recipient_key), n, int(time.time()))
-            for n in share if n]
-    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
-        return [mail for batch in pool.map(_seal_batch, jobs) for mail in batch]
-
-
-def _timed(fn: Callable[[], Any], n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n
-
-
-def bench_crypto(base: str) -> dict:
-    """The operations that bound a node (DESIGN 10), on this machine -- and a
-    durable commit, which bounds a relay once verification is this cheap."""
-    identity = Identity.generate()
-    message = os.urandom(1500)
-    signature = sign(identity.key, message)
-    wrapped = wrap_key(identity.key.public_key(), os.urandom(32))
-    public = identity.key.public_key()
-    t_sign = _timed(lambda: sign(identity.key, message), 60)
-    t_unwrap = _timed(lambda: unwrap_key(identity.key, wrapped), 60)
-    t_verify = _timed(lambda: verify_signature(public, message, signature), 600)
-    store = SqliteMapping(os.path.join(base, "commit.db"), "FULL")
-    value, counter = os.urandom(2000), iter(range(10**9))
-    t_commit = _timed(lambda: store.__setitem__(str(next(counter)).encode(), value), 300)
-    store.close()
-    return {"sign_ms": t_sign * 1e3, "unwrap_ms": t_unwrap * 1e3, "verify_ms": t_verify * 1e3,
-            "commit_ms": t_commit * 1e3,
-            "recipient_bound": 1 / (t_unwrap + t_sign), "relay_bound": 1 / (2 * t_verify),
-            "durable_relay_bound": 1 / (2 * t_verify + 2 * t_commit)}
-
-
-def bench_end_to_end(base: str, mails: int) -> dict:
-    """sender -> relay -> recipient, three processes: mails/s and latency."""
-    relay = BenchNode(base, "relay")
-    recipient = BenchNode(base, "recipient", "--no-listen", "--peer", f"127.0.0.1:{relay.port}")
-    sender = BenchNode(base, "sender", "--peer", f"127.0.0.1:{relay.port}")
-    try:
-        deadline = time.monotonic() + 60
-        while len(relay("peers")) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        to = f"{DEFAULT_USER}@{recipient.domain}"
-        first = sender("send", to=to, subject="warm-up", body="x")        # NIS lookup, links warm
-        sender("wait", id=first["id"], timeout=60)
-        body = "x" * 1024
-        ids = [sender("send", to=to, subject=f"bench {n}", body=body)["id"] for n in range(mails)]
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            entries = {e["id"]: e for e in sender("outbox")}
-            if all(entries[i]["status"] == "delivered" for i in ids):
-                break
-            time.sleep(0.2)
-        done = [entries[i] for i in ids if entries[i]["status"] == "delivered"]
-        outbox = sender.data_dir
-        latencies = sorted(e["done_ms"] - e["submitted_ms"] for e in _full_outbox(outbox, ids))
-        span = (max(e["done_ms"] for e in _full_outbox(outbox, ids)) -
-                min(e["submitted_ms"] for e in _full_outbox(outbox, ids))) / 1000
-        return {"mails": mails, "delivered": len(done), "seconds": span,
-                "mails_per_s": len(done) / span if span else 0.0,
-                "p50_ms": latencies[len(latencies) // 2] if latencies else None,
-                "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None}
-    finally:
-        for node in (sender, recipient, relay):
-            node.stop()
-
-
-def _full_outbox(data_dir: str, ids: list[str]) -> list[dict]:
-    """Outbox entries with their millisecond stamps (the control port hides none of them)."""
-    entries = {e["id"]: e for e in call_node(data_dir, "outbox")}
-    return [entries[i] for i in ids if "done_ms" in entries[i]]
-
-
-def bench_relay(base: str, mails: int) -> dict:
-    """Pre-sealed mails pushed through one relay process, acks coming back:
-    relayed mails/s against the bound of verifying one mail and one ack."""
-    relay = BenchNode(base, "relay-only", "--origin-max-items", str(mails * 2))
-    pusher_id, sink_id = Identity.generate(), Identity.generate()
-    try:
-        sealed = seal_many(pusher_id, sink_id.public_b64, mails)
-        now = int(time.time())
-        acks = [make_ack(sink_id, m, "delivered", "", now) for m in sealed]
-        pusher, sink = WirePeer(relay.port, pusher_id), WirePeer(relay.port, sink_id, source="127.0.0.2")
-        pusher.handshake()
-        sink.handshake()
-        by_id = {a["id"]: a for a in acks}
-
-        def answer() -> None:
-            while (frame := sink.recv()) is not None:
-                if frame["type"] == "mail":
-                    sink.send({"type": "ack", "hops": MAX_HOPS, "ack": by_id[frame["mail"]["id"]]})
-        threading.Thread(target=answer, daemon=True).start()
-        start = time.perf_counter()
-        threading.Thread(target=lambda: [pusher.send({"type": "mail", "hops": MAX_HOPS, "mail": m})
-                                         for m in sealed], daemon=True).start()
-        received = 0
-        while received < mails and (frame := pusher.recv()) is not None:
-            received += frame["type"] == "ack"
-        elapsed = time.perf_counter() - start
-        pusher.close()
-        sink.close()
-        return {"mails": mails, "relayed": received, "seconds": elapsed, "mails_per_s": received / elapsed}
-    finally:
-        relay.stop()
-
-
-def bench_memory(base: str, stored: int) -> dict:
-    """Resident memory of a relay holding `stored` mails for an absent node."""
-    relay = BenchNode(base, "store", "--origin-max-items", str(stored), "--store-max-items", str(stored * 2))
-    pusher_id, absent = Identity.generate(), Identity.generate()
-    try:
-        idle = relay.rss_kib()
-        sealed = seal_many(pusher_id, absent.public_b64, stored)
-        pusher = WirePeer(relay.port, pusher_id)
-        pusher.handshake()
-        for mail in sealed:
-            pusher.send({"type": "mail", "hops": MAX_HOPS, "mail": mail})
-        deadline = time.monotonic() + 300
-        while relay("status")["relay"]["mail"] < stored and time.monotonic() < deadline:
-            time.sleep(0.5)
-        held = relay("status")["relay"]
-        pusher.close()
-        return {"stored": held["mail"], "stored_bytes": held["bytes"], "rss_idle_kib": idle,
-                "rss_kib": relay.rss_kib()}
-    finally:
-        relay.stop()
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """python3 secral.py bench: this machine against its own RSA costs."""
-    import platform
-    import shutil
-    base = tempfile.mkdtemp(prefix="secral-bench-")
-    say = functools.partial(print, flush=True, file=sys.stderr if args.json else sys.stdout)
-    results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
-                                            "platform": platform.platform(), "cpu": platform.processor()}}
-    try:
-        say(f"Secral benchmark on {os.cpu_count()} cores, Python {platform.python_version()}")
-        say("  crypto bound ...")
-        c = results["crypto"] = bench_crypto(base)
-        say("  end to end: sender -> relay -> recipient, three processes ...")
-        e = results["end_to_end"] = bench_end_to_end(base, args.mails)
-        e["ratio_to_recipient_bound"] = e["mails_per_s"] / c["recipient_bound"]
-        say("  relay only ...")
-        r = results["relay"] = bench_relay(base, args.relay_mails)
-        r["ratio_to_relay_bound"] = r["mails_per_s"] / c["relay_bound"]
-        r["ratio_to_durable_relay_bound"] = r["mails_per_s"] / c["durable_relay_bound"]
-        if args.stored:
-            say(f"  a relay holding {args.stored} mails ...")
-            results["memory"] = bench_memory(base, args.stored)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
-    rows = [
-        ["RSA-3072 PSS sign", f"{c['sign_ms']:.2f} ms", ""],
-        ["RSA-3072 OAEP unwrap", f"{c['unwrap_ms']:.2f} ms", ""],
-        ["RSA-3072 PSS verify", f"{c['verify_ms']:.3f} ms", ""],
-        ["SQLite commit, synchronous=FULL", f"{c['commit_ms']:.3f} ms", "one write, WAL"],
-        ["recipient bound: 1/(unwrap+sign)", f"{c['recipient_bound']:.0f} mails/s", "one core"],
-        ["relay bound: 1/(2 verify)", f"{c['relay_bound']:.0f} mails/s", "one core"],
-        ["durable relay bound: 1/(2 verify + 2 commits)", f"{c['durable_relay_bound']:.0f} mails/s",
-         "store the mail; store its ack and drop the mail"],
-        [f"end to end, {e['delivered']}/{e['mails']} mails of 1 KiB", f"{e['mails_per_s']:.0f} mails/s",
-         f"{e['ratio_to_recipient_bound']:.2f} of the recipient bound"],
-        ["  delivery latency p50 / p99", f"{e['p50_ms']} / {e['p99_ms']} ms", "submit to ack"],
-        [f"relay only, {r['relayed']}/{r['mails']} mails + acks", f"{r['mails_per_s']:.0f} mails/s",
-         f"{r['ratio_to_relay_bound']:.2f} of the relay bound, "
-         f"{r['ratio_to_durable_relay_bound']:.2f} of the durable one"],
-    ]
-    if "memory" in results:
-        m = results["memory"]
-        rows.append([f"relay holding {m['stored']} mails", f"{(m['rss_kib'] or 0) / 1024:.0f} MiB RSS",
-                     f"idle node {(m['rss_idle_kib'] or 0) / 1024:.0f} MiB; {m['stored_bytes'] >> 20} MiB on disk"])
-    print()
-    print_table(rows, ["MEASURE", "RESULT", "NOTE"])
-    return 0
-
-# =============================================================================
 # Command line
 # =============================================================================
 # python3 secral.py node | send | inbox | read | outbox | peers | status |
@@ -4345,7 +4390,7 @@ def node_config(args: argparse.Namespace) -> Config:
     if args.advertise:
         host, port = parse_hostport(args.advertise)
         try:
-            is_host(host, "--advertise")
+            check_host(host, "--advertise")
         except RemoteError:
             raise LocalError("refused", f"--advertise {args.advertise}: {host} is not an address "
                              "peers can dial (a host name or a unicast IP address)")
@@ -4764,6 +4809,465 @@ def main(argv: list[str] | None = None) -> int:
     else:
         show(result)
     return status
+
+
+# =============================================================================
+# Tools: demo and benchmark
+# =============================================================================
+# Not part of the protocol, and last so that they stay out of its reading
+# path.  `secral.py demo` shows the whole story on one machine in well under a
+# minute; `secral.py bench` measures this machine against the cost of the
+# RSA operations that bound it.  Both use real sockets on
+# 127.0.0.1 and temporary directories they remove.
+
+SEED_EDGES = ((5, 1), (1, 6), (6, 7), (1, 2), (7, 3), (2, 6), (7, 5), (4, 2), (4, 3), (2, 3), (7, 1), (2, 5))
+
+
+class WirePeer:
+    """A bare peer on a socket, for the demo, the benchmark and the tests: the
+    handshake, JSON lines and link MACs, nothing else (examples/raw_peer.py
+    does the same without secral.py)."""
+
+    def __init__(self, port: int, identity: Identity | None, source: str = "127.0.0.1"):
+        self._identity = identity
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+        self.rfile = self.sock.makefile("rb")
+        self.tx_key = self.rx_key = None
+        self.tx_seq = self.rx_seq = 0
+
+    @property
+    def identity(self) -> Identity:
+        return self._identity
+
+    def send(self, frame: dict) -> None:
+        if self.tx_key is not None:
+            frame = add_mac(self.tx_key, self.tx_seq, frame)
+            self.tx_seq += 1
+        self.sock.sendall(encode_frame(frame))
+
+    def recv(self) -> dict | None:
+        line = self.rfile.readline(MAX_LINE + 1)
+        if not line:
+            return None
+        frame = parse_json(line)
+        if self.rx_key is not None:
+            check_mac(self.rx_key, self.rx_seq, frame)
+            self.rx_seq += 1
+        return frame
+
+    def handshake(self) -> dict:
+        """Dial (8.1): check their hello, send ours and our auth, check theirs,
+        and derive the link keys (8.4).  Returns the listener's record."""
+        hello = self.recv()
+        record = verify_record(hello["record"], int(time.time()))
+        mine = make_record(self.identity, None, 0, int(time.time()), int(time.time()) + 3600)
+        nonce, secret = os.urandom(HELLO_NONCE), os.urandom(LINK_SECRET)
+        self.send(make_hello(mine, nonce))
+        self.send(make_auth(self.identity, record, hello["nonce"], secret))
+        while (frame := self.recv()) is not None and frame["type"] != "auth":
+            if frame["type"] == "error":
+                raise RemoteError("refused" if frame["code"] not in ERROR_CODES else frame["code"],
+                                  frame["message"])
+        verify_auth(frame, record, b64e(nonce), self.identity.domain)
+        self.tx_key, self.rx_key = link_keys(secret, open_auth(self.identity, frame),
+                                             b64e(nonce), hello["nonce"])
+        self.send({"type": "ping"})             # our first MAC'd frame confirms the link
+        return record
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.rfile.close()
+            self.sock.close()
+
+
+class Demo:
+    """python3 secral.py demo: the seed's seven-node network, narrated, one
+    method per step.  Every wait and every read has a deadline."""
+
+    STEPS = 6
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.say = functools.partial(print, flush=True)
+        self.step = iter(range(1, self.STEPS + 1))
+        self.base = tempfile.mkdtemp(prefix="secral-demo-")
+        self.nodes: dict[int, NodeShell] = {}
+        self.identities: dict[int, Identity] = {}
+
+    def header(self, text: str) -> None:
+        self.say(f"\n[{next(self.step)}/{self.STEPS}] {text}")
+
+    def wait(self, predicate: Callable[[], Any], timeout: float = 30) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (value := predicate()):
+            if time.monotonic() > deadline:
+                raise LocalError("refused", "the demo timed out: " + (predicate.__doc__ or ""))
+            time.sleep(0.05)
+        return value
+
+    def name(self, domain: str) -> str:
+        return next((f"node {i}" for i, n in self.nodes.items() if n.identity.domain == domain), domain)
+
+    def start(self, i: int, peers: list[int]) -> NodeShell:
+        config = Config(host=None, bootstrap=tuple(("127.0.0.1", self.nodes[j].port) for j in peers))
+        shell = NodeShell(os.path.join(self.base, f"node{i}"), config, ("127.0.0.1", 0),
+                          identity=self.identities[i])
+        shell.start()
+        self.nodes[i] = shell
+        return shell
+
+    def control(self, i: int, cmd: str, **kwargs: Any) -> Any:
+        return getattr(self.nodes[i].control.control, f"cmd_{cmd}")(**kwargs)
+
+    def run(self) -> int:
+        logging.basicConfig(level=logging.ERROR, format="      (log) %(message)s")
+        try:
+            self.say("Secral demo: end-to-end encrypted mail over a peer-to-peer network, on 127.0.0.1.")
+            self.start_the_network()
+            seen = self.mail_across()
+            self.what_an_eavesdropper_sees(seen)
+            self.mail_to_an_offline_node()
+            self.a_misbehaving_peer()
+            self.say(f"\nDone in {time.monotonic() - self.started:.1f} s.")
+            return 0
+        except OSError as exc:                  # a read past its deadline, a refused connection
+            raise LocalError("refused", f"the demo failed: {exc}")
+        finally:
+            for shell in self.nodes.values():
+                shell.stop()
+            shutil.rmtree(self.base, ignore_errors=True)
+            self.say(f"Temporary data in {self.base} removed.")
+
+    def start_the_network(self) -> None:
+        say, nodes = self.say, self.nodes
+        self.header("Seven nodes, as in the picture. Each needs an RSA-3072 key (a second or so each).")
+        self.identities = {i: Identity.generate() for i in range(1, 10)}
+        for i in range(1, 8):
+            self.start(i, [j for x, y in SEED_EDGES for j in (x, y) if i in (x, y) and j != i and j in nodes])
+            say(f"      node {i}  {nodes[i].identity.domain}  listening on 127.0.0.1:{nodes[i].port}")
+        self.header("Linking them: " + ", ".join(f"{x}–{y}" for x, y in SEED_EDGES) + ".")
+        say("      No node publishes its address, so nobody can dial around the picture:")
+        say("      mail between nodes that are not linked must be relayed.")
+        for x, y in SEED_EDGES:
+            self.wait(lambda: nodes[y].identity.domain in nodes[x].core.open)
+        say(f"      all {len(SEED_EDGES)} links are up.")
+
+    def mail_across(self) -> dict:
+        """Node 5 mails node 3 with an eavesdropper linked to node 5; returns
+        the mail frame the eavesdropper received."""
+        say, nodes, identities = self.say, self.nodes, self.identities
+        self.header("Node 5 mails node 3. They are not linked.")
+        wiretap = WirePeer(nodes[5].port, identities[8])
+        wiretap.handshake()
+        wiretap.sock.settimeout(10)
+        self.wait(lambda: identities[8].domain in nodes[5].core.open)
+        say(f"      (an eavesdropper, {identities[8].domain}, has joined node 5 as an ordinary peer)")
+        say("      Node 5 asks its peers for node 3's NIS record (it needs node 3's key), seals the mail")
+        say("      with AES-256-GCM under a key only node 3 can unwrap, signs it, and hands it on.")
+        t0 = time.monotonic()
+        entry = self.control(5, "send", to=f"Default@{nodes[3].identity.domain}",
+                             subject="Meet at the harbour", body="Six o'clock, by the lighthouse. Bring the map.")
+        done = self.wait(lambda: (e := nodes[5].stores.outbox.get(entry["id"]))
+                         and e["status"] == "delivered" and e)
+        key = mail_key(nodes[5].identity.domain, entry["id"])
+        relays = [f"node {i}" for i in (1, 2, 6, 7, 4) if key in nodes[i].core.seen]
+        say(f"      delivered in {time.monotonic() - t0:.2f} s; carried by {', '.join(relays)}.")
+        say(f"      Node 3's Core signed an ack; it travelled back and node 5's outbox says \"{done['status']}\".")
+        [inbox] = self.control(3, "inbox")
+        read = self.control(3, "read", id=inbox["id"])
+        say(f"      Node 3 reads: \"{read['subject']}\" — \"{read['body']}\"")
+        try:
+            while (frame := wiretap.recv()) is not None and frame["type"] != "mail":
+                pass
+        finally:
+            wiretap.close()
+        if frame is None:
+            raise LocalError("refused", "the demo failed: the eavesdropper never saw the mail")
+        return frame["mail"]
+
+    def what_an_eavesdropper_sees(self, seen: dict) -> None:
+        say = self.say
+        self.header("What an eavesdropper sees.")
+        say(f"      from     {seen['from']}\n      to       {seen['to']}")
+        say(f"      size     {len(b64d(seen['ct'], 'ct'))} bytes of ciphertext: {seen['ct'][:44]}…")
+        try:
+            open_mail(self.identities[8], seen)
+        except RemoteError as exc:
+            say(f"      opening it with its own key fails: {exc.code} ({exc.message}).")
+        try:
+            unwrap_key(self.identities[8].key, b64d(seen["key"], "key"))
+        except RemoteError as exc:
+            say(f"      and unwrapping the AES key by force fails too: {exc.code}.")
+        say("      It learns who wrote to whom, when and how much — never the subject or the text.")
+
+    def mail_to_an_offline_node(self) -> None:
+        say, nodes = self.say, self.nodes
+        self.header("Node 6 goes offline; node 4 writes to it anyway.")
+        nodes[6].stop()
+        entry = self.control(4, "send", to=f"Default@{nodes[6].identity.domain}",
+                             subject="While you were away", body="The relays kept this for you.")
+        holders = self.wait(lambda: [f"node {i}" for i in (1, 2, 7)
+                                     if any(k.startswith("mail/") for k in nodes[i].core.items)])
+        say(f"      node 6 is unreachable; {', '.join(holders)} {'keeps' if len(holders) == 1 else 'keep'} "
+            "the sealed mail for it "
+            f"(outbox: {nodes[4].stores.outbox[entry['id']]['status']}).")
+        say("      (they would keep it for up to 7 days; here node 6 comes back at once)")
+        self.start(6, [1, 7, 2])
+        self.wait(lambda: self.control(6, "inbox"))
+        say(f"      node 6 is back and receives: \"{self.control(6, 'inbox')[0]['subject']}\"")
+        self.wait(lambda: nodes[4].stores.outbox[entry["id"]]["status"] == "delivered")
+        say("      the ack reaches node 4: \"delivered\"; the relays drop their copies.")
+
+    def a_misbehaving_peer(self) -> None:
+        say, nodes, identities = self.say, self.nodes, self.identities
+        self.header("A misbehaving peer connects to node 1.")
+        rogue = WirePeer(nodes[1].port, identities[9], source="127.0.0.66")
+        rogue.handshake()
+        rogue.sock.settimeout(10)
+        self.wait(lambda: identities[9].domain in nodes[1].core.open)
+        say(f"      {identities[9].domain} completes the handshake, then sends forged mail:")
+        mail = seal_mail(identities[9], Address(DEFAULT_USER, identities[9].domain),
+                         Address(DEFAULT_USER, nodes[1].identity.domain), nodes[1].identity.public_b64,
+                         "forged", "x", int(time.time()))
+        with contextlib.suppress(OSError):
+            for n in range(4):                  # each is tampered after signing: -25 each (9.1)
+                rogue.send({"type": "mail", "hops": 8, "mail": {**mail, "id": f"{n:032x}"}})
+        while (frame := rogue.recv()) is not None:
+            if frame["type"] == "error":
+                say(f"      node 1 says: error \"{frame['code']}\": {frame['message']}")
+        rogue.close()
+        bans = self.control(1, "peers", banned=True)
+        say("      and bans it: " + "; ".join(f"{b['subject']} until {when(b['until'])}" for b in bans))
+        honest = self.control(1, "peers")
+        say("      its honest peers are untouched: " +
+            ", ".join(f"{self.name(p['domain'])} (score {p['score']})" for p in honest))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """python3 secral.py demo."""
+    return Demo().run()
+
+
+class BenchNode:
+    """`secral.py node` in a subprocess, for the benchmark."""
+
+    def __init__(self, base: str, name: str, *args: str):
+        self.data_dir = os.path.join(base, name)
+        os.makedirs(self.data_dir, exist_ok=True)
+        import subprocess
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "node", "--json", "--data-dir", self.data_dir,
+             "--host", "127.0.0.1", "--port", "0", "--rate", "1000000", "--send-rate", "1000000", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        banner = json.loads(self.proc.stdout.readline())     # node --json: one line once it runs
+        self.domain, self.port = banner["domain"], banner["listen"][1] if banner["listen"] else None
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def __call__(self, cmd: str, **args: Any) -> Any:
+        return call_node(self.data_dir, cmd, args, timeout=120)
+
+    def rss_kib(self) -> int | None:
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                return int(next(line for line in f if line.startswith("VmRSS")).split()[1])
+        return None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=30)
+
+
+def _seal_batch(job: tuple[bytes, str, str, int, int]) -> list[dict]:
+    """Seal `count` 1 KiB mails (a worker process: signing is the slow part)."""
+    pem, recipient_key, recipient_domain, count, now = job
+    identity = Identity.from_pem(pem)
+    sender, recipient = Address(DEFAULT_USER, identity.domain), Address(DEFAULT_USER, recipient_domain)
+    return [seal_mail(identity, sender, recipient, recipient_key, f"bench {n}", "x" * 1024, now)
+            for n in range(count)]
+
+
+def seal_many(identity: Identity, recipient_key: str, count: int) -> list[dict]:
+    import multiprocessing
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    share = [count // workers + (i < count % workers) for i in range(workers)]
+    jobs = [(identity.to_pem(), recipient_key, domain_of_key(recipient_key), n, int(time.time()))
+            for n in share if n]
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        return [mail for batch in pool.map(_seal_batch, jobs) for mail in batch]
+
+
+def _timed(fn: Callable[[], Any], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def bench_crypto(base: str) -> dict:
+    """The operations that bound a node, on this machine -- and a
+    durable commit, which bounds a relay once verification is this cheap."""
+    identity = Identity.generate()
+    message = os.urandom(1500)
+    signature = sign(identity.key, message)
+    wrapped = wrap_key(identity.key.public_key(), os.urandom(32))
+    public = identity.key.public_key()
+    t_sign = _timed(lambda: sign(identity.key, message), 60)
+    t_unwrap = _timed(lambda: unwrap_key(identity.key, wrapped), 60)
+    t_verify = _timed(lambda: verify_signature(public, message, signature), 600)
+    store = SqliteMapping(os.path.join(base, "commit.db"), "FULL")
+    value, counter = os.urandom(2000), iter(range(10**9))
+    t_commit = _timed(lambda: store.__setitem__(str(next(counter)).encode(), value), 300)
+    store.close()
+    return {"sign_ms": t_sign * 1e3, "unwrap_ms": t_unwrap * 1e3, "verify_ms": t_verify * 1e3,
+            "commit_ms": t_commit * 1e3,
+            "recipient_bound": 1 / (t_unwrap + t_sign), "relay_bound": 1 / (2 * t_verify),
+            "durable_relay_bound": 1 / (2 * t_verify + 2 * t_commit)}
+
+
+def bench_end_to_end(base: str, mails: int) -> dict:
+    """sender -> relay -> recipient, three processes: mails/s and latency."""
+    relay = BenchNode(base, "relay")
+    recipient = BenchNode(base, "recipient", "--no-listen", "--peer", f"127.0.0.1:{relay.port}")
+    sender = BenchNode(base, "sender", "--peer", f"127.0.0.1:{relay.port}")
+    try:
+        deadline = time.monotonic() + 60
+        while len(relay("peers")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        to = f"{DEFAULT_USER}@{recipient.domain}"
+        first = sender("send", to=to, subject="warm-up", body="x")        # NIS lookup, links warm
+        sender("wait", id=first["id"], timeout=60)
+        body = "x" * 1024
+        ids = [sender("send", to=to, subject=f"bench {n}", body=body)["id"] for n in range(mails)]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            entries = {e["id"]: e for e in sender("outbox")}
+            if all(entries[i]["status"] == "delivered" for i in ids):
+                break
+            time.sleep(0.2)
+        done = [entries[i] for i in ids if entries[i]["status"] == "delivered"]
+        outbox = sender.data_dir
+        latencies = sorted(e["done_ms"] - e["submitted_ms"] for e in _full_outbox(outbox, ids))
+        span = (max(e["done_ms"] for e in _full_outbox(outbox, ids)) -
+                min(e["submitted_ms"] for e in _full_outbox(outbox, ids))) / 1000
+        return {"mails": mails, "delivered": len(done), "seconds": span,
+                "mails_per_s": len(done) / span if span else 0.0,
+                "p50_ms": latencies[len(latencies) // 2] if latencies else None,
+                "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None}
+    finally:
+        for node in (sender, recipient, relay):
+            node.stop()
+
+
+def _full_outbox(data_dir: str, ids: list[str]) -> list[dict]:
+    """Outbox entries with their millisecond stamps (the control port hides none of them)."""
+    entries = {e["id"]: e for e in call_node(data_dir, "outbox")}
+    return [entries[i] for i in ids if "done_ms" in entries[i]]
+
+
+def bench_relay(base: str, mails: int) -> dict:
+    """Pre-sealed mails pushed through one relay process, acks coming back:
+    relayed mails/s against the bound of verifying one mail and one ack."""
+    relay = BenchNode(base, "relay-only", "--origin-max-items", str(mails * 2))
+    pusher_id, sink_id = Identity.generate(), Identity.generate()
+    try:
+        sealed = seal_many(pusher_id, sink_id.public_b64, mails)
+        now = int(time.time())
+        acks = [make_ack(sink_id, m, "delivered", "", now) for m in sealed]
+        pusher, sink = WirePeer(relay.port, pusher_id), WirePeer(relay.port, sink_id, source="127.0.0.2")
+        pusher.handshake()
+        sink.handshake()
+        by_id = {a["id"]: a for a in acks}
+
+        def answer() -> None:
+            while (frame := sink.recv()) is not None:
+                if frame["type"] == "mail":
+                    sink.send({"type": "ack", "hops": MAX_HOPS, "ack": by_id[frame["mail"]["id"]]})
+        threading.Thread(target=answer, daemon=True).start()
+        start = time.perf_counter()
+        threading.Thread(target=lambda: [pusher.send({"type": "mail", "hops": MAX_HOPS, "mail": m})
+                                         for m in sealed], daemon=True).start()
+        received = 0
+        while received < mails and (frame := pusher.recv()) is not None:
+            received += frame["type"] == "ack"
+        elapsed = time.perf_counter() - start
+        pusher.close()
+        sink.close()
+        return {"mails": mails, "relayed": received, "seconds": elapsed, "mails_per_s": received / elapsed}
+    finally:
+        relay.stop()
+
+
+def bench_memory(base: str, stored: int) -> dict:
+    """Resident memory of a relay holding `stored` mails for an absent node."""
+    relay = BenchNode(base, "store", "--origin-max-items", str(stored), "--store-max-items", str(stored * 2))
+    pusher_id, absent = Identity.generate(), Identity.generate()
+    try:
+        idle = relay.rss_kib()
+        sealed = seal_many(pusher_id, absent.public_b64, stored)
+        pusher = WirePeer(relay.port, pusher_id)
+        pusher.handshake()
+        for mail in sealed:
+            pusher.send({"type": "mail", "hops": MAX_HOPS, "mail": mail})
+        deadline = time.monotonic() + 300
+        while relay("status")["relay"]["mail"] < stored and time.monotonic() < deadline:
+            time.sleep(0.5)
+        held = relay("status")["relay"]
+        pusher.close()
+        return {"stored": held["mail"], "stored_bytes": held["bytes"], "rss_idle_kib": idle,
+                "rss_kib": relay.rss_kib()}
+    finally:
+        relay.stop()
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """python3 secral.py bench: this machine against its own RSA costs."""
+    base = tempfile.mkdtemp(prefix="secral-bench-")
+    say = functools.partial(print, flush=True, file=sys.stderr if args.json else sys.stdout)
+    results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
+                                            "platform": platform.platform(), "cpu": platform.processor()}}
+    try:
+        say(f"Secral benchmark on {os.cpu_count()} cores, Python {platform.python_version()}")
+        say("  crypto bound ...")
+        c = results["crypto"] = bench_crypto(base)
+        say("  end to end: sender -> relay -> recipient, three processes ...")
+        e = results["end_to_end"] = bench_end_to_end(base, args.mails)
+        e["ratio_to_recipient_bound"] = e["mails_per_s"] / c["recipient_bound"]
+        say("  relay only ...")
+        r = results["relay"] = bench_relay(base, args.relay_mails)
+        r["ratio_to_relay_bound"] = r["mails_per_s"] / c["relay_bound"]
+        r["ratio_to_durable_relay_bound"] = r["mails_per_s"] / c["durable_relay_bound"]
+        if args.stored:
+            say(f"  a relay holding {args.stored} mails ...")
+            results["memory"] = bench_memory(base, args.stored)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    rows = [
+        ["RSA-3072 PSS sign", f"{c['sign_ms']:.2f} ms", ""],
+        ["RSA-3072 OAEP unwrap", f"{c['unwrap_ms']:.2f} ms", ""],
+        ["RSA-3072 PSS verify", f"{c['verify_ms']:.3f} ms", ""],
+        ["SQLite commit, synchronous=FULL", f"{c['commit_ms']:.3f} ms", "one write, WAL"],
+        ["recipient bound: 1/(unwrap+sign)", f"{c['recipient_bound']:.0f} mails/s", "one core"],
+        ["relay bound: 1/(2 verify)", f"{c['relay_bound']:.0f} mails/s", "one core"],
+        ["durable relay bound: 1/(2 verify + 2 commits)", f"{c['durable_relay_bound']:.0f} mails/s",
+         "store the mail; store its ack and drop the mail"],
+        [f"end to end, {e['delivered']}/{e['mails']} mails of 1 KiB", f"{e['mails_per_s']:.0f} mails/s",
+         f"{e['ratio_to_recipient_bound']:.2f} of the recipient bound"],
+        ["  delivery latency p50 / p99", f"{e['p50_ms']} / {e['p99_ms']} ms", "submit to ack"],
+        [f"relay only, {r['relayed']}/{r['mails']} mails + acks", f"{r['mails_per_s']:.0f} mails/s",
+         f"{r['ratio_to_relay_bound']:.2f} of the relay bound, "
+         f"{r['ratio_to_durable_relay_bound']:.2f} of the durable one"],
+    ]
+    if "memory" in results:
+        m = results["memory"]
+        rows.append([f"relay holding {m['stored']} mails", f"{(m['rss_kib'] or 0) / 1024:.0f} MiB RSS",
+                     f"idle node {(m['rss_idle_kib'] or 0) / 1024:.0f} MiB; {m['stored_bytes'] >> 20} MiB on disk"])
+    print()
+    print_table(rows, ["MEASURE", "RESULT", "NOTE"])
+    return 0
 
 
 if __name__ == "__main__":
