@@ -921,6 +921,8 @@ def verify_ack(ack: Any, now: int, what: str = "ack") -> dict:
         raise RemoteError("malformed", f"{what}.status: expected delivered or rejected")
     if LINE_BREAKERS.search(ack["reason"]):
         raise RemoteError("malformed", f"{what}.reason: control characters and line separators are not allowed")
+    if ack["status"] == "delivered" and ack["reason"]:
+        raise RemoteError("malformed", f'{what}.reason: a delivered ack has the reason ""')
     key = parse_public_key(ack["from_key"])
     if domain_of_key(ack["from_key"]) != signer.domain:
         raise RemoteError("bad_domain", f"{what}: from_key is not the key of {signer.domain}")
@@ -1058,6 +1060,9 @@ REPUTATION_EVENTS: dict[str, tuple[int, bool]] = {
     "bad_mac":           (-20,   True),       # scored to the address: it may not be the peer's
     "rate_exceeded":     (-2,    False),      # the frame is dropped, too
     "duplicate":         (-5,    False),      # the same object twice on one connection
+    "timeout":           (0,     True),       # slow links exist: closed, not blamed
+    "bad_record":        (-10,   False),      # a record it passed on named an address
+                                              # that did not answer as that node (9.1)
     # rewards: what honest peers do
     "mail_relayed":      (+1,    False),      # a mail it brought us, once its ack proves it real
     "ack_relayed":       (+1,    False),      # a valid ack we had not seen
@@ -1186,7 +1191,9 @@ RETRY_FIRST = 10                # seconds before an undelivered object is offere
 RETRY_MAX = 300                 # doubling each time up to five minutes
 DIAL_RETRY_FIRST = 5            # seconds before a failed peer is dialled again,
 DIAL_RETRY_MAX = 600            # doubling up to ten minutes
-MAX_QUERIES = 1024              # NIS queries in flight (ours and forwarded)
+MAX_QUERIES = 1024              # NIS queries in flight (ours and forwarded) ...
+MAX_QUERIES_PER_PEER = 64       # ... of which one peer's forwarded questions may hold
+                                # this many: a flood from one fills only its share (9.3)
 SEEN_QUERIES = 8192             # NIS query ids remembered to drop duplicates
 SWEEP_SECONDS = 60              # how often expired objects are purged
 MAINTAIN_SECONDS = 5            # how often outbound connections are topped up
@@ -1591,6 +1598,14 @@ class Links:
         event); `subject` is who pays (default: the peer)."""
         change, always = REPUTATION_EVENTS.get(event, (0, True))
         disconnect = disconnect or always
+        if peer.outbound and not peer.verified and subject is None:
+            # We dialled it on a record's word: not an attacker that came to us (9.1).
+            self.node.event("misbehaved", domain=peer.domain, ip=peer.ip, event=event,
+                            message=message, score=0)
+            self.close(peer, code or (event if event in ERROR_CODES else "malformed"), message, now)
+            if change < 0:                      # what would have cost an attacker: a lie
+                self.node.peerset.dialled_wrong(peer.dialled, now)
+            return
         subject = subject or peer.subject
         score = self.node.reputation.change(subject, change, int(now)) if change else 0
         self.node.event("misbehaved", domain=peer.domain, ip=peer.ip, event=event, message=message,
@@ -1599,6 +1614,17 @@ class Links:
             self.ban(peer, now, subject)
         elif disconnect:
             self.close(peer, code or (event if event in ERROR_CODES else "malformed"), message, now)
+
+    def blame(self, domain: str, event: str, message: str, now: float) -> None:
+        """Score a node for what it did on another connection (9.1): through its
+        open link if there is one, else in the table alone."""
+        peer = self.open.get(domain)
+        if peer is not None:
+            self.misbehaved(peer, event, message, now)
+            return
+        score = self.node.reputation.change(domain_subject(domain), REPUTATION_EVENTS[event][0], int(now))
+        if score <= SCORE_MIN:
+            self.node.reputation.ban(domain_subject(domain), int(now))
 
     def reward(self, peer: Peer, event: str, now: float) -> None:
         self.node.reputation.change(peer.subject, REPUTATION_EVENTS[event][0], int(now))
@@ -1707,16 +1733,18 @@ class Links:
             check_hex_id(ref, "error.ref")
             self.node.delivery.refused(peer, ref)
             self.node.event("refused", domain=peer.domain, code=frame["code"], ref=ref)
-        else:
-            peer.refusal = frame["code"]        # the reason for the close that follows
+        else:                                   # a goodbye: close our side at once (9.4)
+            peer.refusal = frame["code"]
+            self.node.act(Close(peer.conn, frame["code"]))
+            self.drop(peer, frame["code"], now)
 
     def tick(self, now: float) -> None:
         """Handshake and idle timeouts, and pings on quiet links (8.1, 8.3)."""
         for peer in list(self.peers.values()):
             if peer.state != "open" and now - peer.opened > HANDSHAKE_TIMEOUT:
-                self.close(peer, "timeout", f"no handshake within {HANDSHAKE_TIMEOUT} s", now)
+                self.misbehaved(peer, "timeout", f"no handshake within {HANDSHAKE_TIMEOUT} s", now)
             elif peer.state == "open" and now - peer.last_rx > IDLE_TIMEOUT:
-                self.close(peer, "timeout", f"silent for {IDLE_TIMEOUT} s", now)
+                self.misbehaved(peer, "timeout", f"silent for {IDLE_TIMEOUT} s", now)
             elif peer.state == "open" and now - max(peer.last_rx, peer.pinged) > PING_INTERVAL:
                 peer.pinged = now
                 self.send(peer, {"type": "ping"})
@@ -2320,9 +2348,10 @@ class Names:
         """Our own record, or an unexpired one from the map."""
         return self.record if domain == self.node.domain else self.known_record(domain, now)
 
-    def learn_record(self, record: dict, now: float) -> bool:
+    def learn_record(self, record: dict, now: float, via: str | None = None) -> bool:
         """Keep a verified record if it is newer than ours for that domain (5.3);
-        then the peer set learns its address and waiting mail its key."""
+        then the peer set learns its address and waiting mail its key.  `via`
+        is the domain of the peer that passed it on, if not its owner (9.1)."""
         domain = record["domain"]
         if domain == self.node.domain or not record_supersedes(record, self.stores.nis.get(domain)):
             return False
@@ -2337,7 +2366,7 @@ class Names:
                 victim = min(victims, key=self.expiry.get)
                 del self.expiry[victim], self.stores.nis[victim]
         if record["host"] is not None:
-            self.node.peerset.record_learned(record)
+            self.node.peerset.record_learned(record, via)
         self.node.outbox.record_learned(domain, now)
         return True
 
@@ -2399,8 +2428,9 @@ class Names:
         if record is not None:
             self.node.links.send(peer, {"type": "nis_answer", "qid": frame["qid"], "record": record})
             return
-        if frame["hops"] == 0 or len(self.queries) >= MAX_QUERIES:
-            return
+        if (frame["hops"] == 0 or len(self.queries) >= MAX_QUERIES
+                or sum(q.origin == peer.conn for q in self.queries.values()) >= MAX_QUERIES_PER_PEER):
+            return                              # not forwarded: the asker's timeout tells it
         query = Query(frame["qid"], domain, peer.conn, now + NIS_TIMEOUT)
         forward = {"type": "nis_query", "qid": frame["qid"], "domain": domain, "hops": frame["hops"] - 1}
         for other in self.node.links.open_peers(now, exclude=peer):
@@ -2420,7 +2450,7 @@ class Names:
             self.node.links.misbehaved(peer, forgery_event(exc), exc.message, now)
             return
         self.node.links.reward(peer, "nis_answer", now)
-        self.learn_record(record, now)
+        self.learn_record(record, now, via=peer.domain)
         if query.answered:
             return
         query.answered = True
@@ -2585,10 +2615,27 @@ class PeerSet:
                 worst = max(candidates, key=lambda kv: (kv[1].get("fails", 0), -kv[1].get("seen", 0)))
                 del self.stores.peers[worst[0]]
 
-    def record_learned(self, record: dict) -> None:
-        """A record with a host: its address becomes (or stays) a known peer (5.3)."""
+    def record_learned(self, record: dict, via: str | None) -> None:
+        """A record with a host: its address becomes (or stays) a known peer
+        (5.3), noting which peer vouched for a new address (9.1: `via`)."""
         known = self.stores.peers.get(record["domain"], {"fails": 0, "next": 0, "seen": 0})
+        if (known.get("host"), known.get("port")) != (record["host"], record["port"]):
+            known["via"] = via
         self.remember(record["domain"], {**known, "host": record["host"], "port": record["port"]})
+
+    def dialled_wrong(self, dial: Dial, now: float) -> None:
+        """What we dialled on a record's word did not speak Secral, or was not
+        the node the record names (9.1).  The address is not to blame -- it
+        never came to us -- so the record's address is forgotten, and the peer
+        that passed it on pays for the lie."""
+        known = self.stores.peers.get(dial.domain) if dial.domain else None
+        if known is None or (known["host"], known["port"]) != (dial.host, dial.port):
+            return                              # a bootstrap address, or already replaced
+        del self.stores.peers[dial.domain]
+        via = known.get("via")
+        if via is not None:
+            self.node.links.blame(via, "bad_record", f"the address {dial.host}:{dial.port} of "
+                                  f"{dial.domain} does not answer as that node", now)
 
     def sweep(self, now: float) -> None:
         """Forget addresses that stopped working (5.5, 7.7)."""
@@ -2625,7 +2672,7 @@ class PeerSet:
                 self.node.links.misbehaved(peer, forgery_event(exc), exc.message, now)
                 continue
             known = record["domain"] in self.stores.nis
-            if self.node.names.learn_record(record, now) and known:
+            if self.node.names.learn_record(record, now, via=peer.domain) and known:
                 fresher.append(record)
         if fresher:
             for other in self.node.links.open_peers(now, exclude=peer):

@@ -1258,6 +1258,17 @@ def test_only_news_about_our_own_mail_earns_an_ack_reward():
     assert wire.status("a", mail_id) == "delivered" and a.score(b.domain, wire.now) == 1
 
 
+def test_an_error_without_ref_closes_the_receivers_side_at_once():
+    """9.4: a goodbye is not answered and not waited out (no 10 s timeout)."""
+    wire, a, b = two_nodes()
+    conn = wire.conn_between("b", "a")
+    a_side = wire.links[("b", conn)][1]
+    actions = a.line_received(a_side, secral.encode_frame(b.transmit(conn, secral.make_error(
+        "shutdown", "the node is stopping"))[0].frame), wire.now)
+    assert [type(x).__name__ for x in actions if not isinstance(x, Event)] == ["Close"]
+    assert b.domain not in a.open and a_side not in a.peers
+
+
 def test_error_ref_only_touches_what_that_connection_was_given():
     wire = Wire()
     a, r, x = wire.add("a", key(0)), wire.add("r", key(2)), wire.add("x", key(3))
@@ -2921,6 +2932,86 @@ def test_hostile_every_frame_type_with_bad_fields(target):
             eventually(lambda: score_of(target, subject) < before, timeout=5)
             attacker.close()
     assert target.honest_mail_arrives()
+
+
+class ForeignService:
+    """A TCP service that is not Secral (an SSH server, say) on 127.0.0.1:
+    each connection gets a greeting and is closed; accepts are counted."""
+
+    def __init__(self, greeting: bytes = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.greeting = greeting
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(self.greeting)
+                conn.recv(4096)                 # the node's hello, or its hanging up
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_hostile_records_naming_a_third_party_get_nobody_banned_but_their_supplier(target, monkeypatch):
+    """Off-path ban poisoning (9.1, 12): five valid records that name someone
+    else's service.  The node dials each and meets a greeting that is not
+    JSON; that must cost the address nothing, and the supplier of the lies
+    pays for them."""
+    monkeypatch.setattr(secral, "MAINTAIN_SECONDS", 0.2)    # dial the new addresses at once
+    service = ForeignService()
+    try:
+        supplier = Attacker(target.port, 200)
+        supplier.handshake()
+        liars = [key(i) for i in range(201, 206)]
+        supplier.send({"type": "peers", "records": [
+            secral.make_record(k, "127.0.0.1", service.port, 1, now_int() + 3600) for k in liars]})
+        eventually(lambda: service.accepted >= len(liars))
+        subject = f"domain:{key(200).domain}"
+        eventually(lambda: score_of(target, subject) <= 5 * secral.REPUTATION_EVENTS["bad_record"][0])
+        assert not banned(target, "ip:127.0.0.1") and score_of(target, "ip:127.0.0.1") == 0
+        with target.shell.lock:
+            assert not {k.domain for k in liars} & set(target.shell.core.stores.peers)
+        # The victim's address still gets in: a newcomer from 127.0.0.1 shakes hands.
+        newcomer = RawPeer(target.port, key(206))
+        newcomer.handshake()
+        assert target.honest_mail_arrives()
+    finally:
+        service.close()
+
+
+def test_hostile_query_flood_leaves_room_for_other_peers_questions(target, monkeypatch):
+    """NIS table exhaustion (5.4, 9.3): one peer floods questions nobody can
+    answer; another peer's question is still forwarded and answered."""
+    monkeypatch.setattr(secral, "MAX_QUERIES", 2 * secral.MAX_QUERIES_PER_PEER)
+    honest = target.honest
+    known = key(215)                            # a record only the honest node has
+    with honest.shell.lock:
+        honest.shell.core.learn_record(secral.make_record(known, None, 0, 1, now_int() + 3600),
+                                       time.time())
+    flooder = Attacker(target.port, 216)
+    flooder.handshake()
+    for i in range(3 * secral.MAX_QUERIES_PER_PEER):
+        flooder.send({"type": "nis_query", "qid": os.urandom(16).hex(),
+                      "domain": key(217).domain if i % 2 else f"node-{'a' * 23}{'bcdefg'[i % 6]}",
+                      "hops": 3})
+    flooder.send({"type": "ping"})
+    assert flooder.wait_for("pong")             # the node has read the whole flood
+    asker = Attacker(target.port, 218)
+    asker.handshake()
+    asker.send({"type": "nis_query", "qid": "ab" * 16, "domain": known.domain, "hops": 3})
+    answer = asker.wait_for("nis_answer")
+    assert answer is not None and answer["record"]["domain"] == known.domain
+    with target.shell.lock:
+        pending = [q for q in target.shell.core.names.queries.values() if q.origin is not None]
+    assert len(pending) <= secral.MAX_QUERIES_PER_PEER + 1
 
 
 def test_hostile_duplicate_flood_gets_banned(target):

@@ -569,6 +569,8 @@ def verify_ack(ack, now, what="ack"):
         raise ProtocolError("malformed", f"{what}.status: {ack['status']!r}")
     if has_control(ack["reason"]):                                      # 8
         raise ProtocolError("malformed", f"{what}.reason: control characters")
+    if ack["status"] == "delivered" and ack["reason"] != "":            # 8
+        raise ProtocolError("malformed", f"{what}.reason: a delivered ack explains nothing")
     key = parse_public_key(ack["from_key"], f"{what}.from_key")         # 9
     if domain_of_der(b64d(ack["from_key"], f"{what}.from_key")) != signer_domain:   # 10
         raise ProtocolError("bad_domain", f"{what}: from_key is not the key of {signer_domain}")

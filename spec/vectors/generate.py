@@ -353,6 +353,7 @@ def acks_vectors(keys) -> dict:
         ("a reason with a line break", resign("a-reason-ctl", reason="no_such_user\nBcc: eve"), NOW),
         ("a reason with U+2029 PARAGRAPH SEPARATOR", resign("a-reason-u2029", reason="no\u2029such"), NOW),
         ("kind is mail", resign("a-kind", kind="mail"), NOW),
+        ("a delivered ack with a reason", resign("a-delivered-reason", reason="read it twice"), NOW),
     ]
     for comment, obj, now in cases:
         code, _ = outcome(secral.verify_ack, obj, now)
