@@ -1073,10 +1073,13 @@ DECAY_SECONDS = 60              # one point back toward 0 per minute
 BAN_SECONDS = 3600              # the first ban lasts an hour ...
 BAN_MAX_SECONDS = 7 * 86_400    # ... each further one twice as long, up to a week
 REPUTATION_FLUSH = 30           # seconds between saves of changed scores
+MAX_REPUTATION_SUBJECTS = 20_000    # subjects kept; fresh addresses are free to an
+                                # attacker (IPv6 above all), memory is not (9.3)
 
 
 class Reputation:
-    """Scores and bans by subject ("domain:node-..." or "ip:1.2.3.4").
+    """Scores and bans by subject (9.1): "domain:node-...", "ip:192.0.2.7",
+    or an IPv6 site, "ip:2001:db8:1:2::/64"; at most MAX_REPUTATION_SUBJECTS.
 
     Kept in memory and saved to `store` every REPUTATION_FLUSH seconds (and at
     once on a ban): a score lost in a crash is worth less than a disk write per
@@ -1101,6 +1104,8 @@ class Reputation:
         return self._entry(subject, now)["score"] if subject in self.entries else 0
 
     def change(self, subject: str, delta: int, now: int) -> int:
+        if subject not in self.entries:
+            self.make_room(now)
         entry = self._entry(subject, now)
         entry["score"] = max(SCORE_MIN, min(SCORE_MAX, entry["score"] + delta))
         self.dirty.add(subject)
@@ -1108,12 +1113,30 @@ class Reputation:
 
     def ban(self, subject: str, now: int) -> int:
         """Ban `subject`; returns when the ban ends."""
+        if subject not in self.entries:
+            self.make_room(now)
         entry = self._entry(subject, now)
         length = min(BAN_SECONDS * 2 ** min(entry["bans"], 16), BAN_MAX_SECONDS)
         entry.update(score=SCORE_MIN, at=now, bans=entry["bans"] + 1, until=now + length)
         self.dirty.add(subject)
         self.flush(now)
         return entry["until"]
+
+    def make_room(self, now: int) -> None:
+        """Keep at most MAX_REPUTATION_SUBJECTS (9.3).  When full, a tenth is
+        forgotten at once, in this order: subjects not banned before banned
+        ones; among those, the score nearest 0 first, then the one changed
+        longest ago; among bans, the one ending soonest."""
+        if len(self.entries) < MAX_REPUTATION_SUBJECTS:
+            return
+        def worth(item: tuple[str, dict]) -> tuple:
+            subject, entry = item
+            entry = self._entry(subject, now)
+            return (entry["until"] > now, abs(entry["score"]), entry["at"], entry["until"])
+        for subject, _ in sorted(self.entries.items(), key=worth)[:max(1, MAX_REPUTATION_SUBJECTS // 10)]:
+            del self.entries[subject]
+            self.dirty.discard(subject)
+            self.store.pop(subject, None)
 
     def banned(self, subject: str, now: int) -> bool:
         entry = self.entries.get(subject)
@@ -1293,8 +1316,18 @@ def domain_subject(domain: str) -> str:
 
 
 def ip_subject(ip: str) -> str:
-    """Who is scored before that, and for what may not be the peer's doing (9.1)."""
-    return f"ip:{ip}"
+    """Who is scored before that, and for what may not be the peer's doing (9.1):
+    an IPv4 address, or the /64 network of an IPv6 one, because a /64 is what
+    one site gets and an attacker holds 2^64 addresses in it (9.2)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return f"ip:{ip}"                       # (tests name addresses freely)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return f"ip:{address.ipv4_mapped}"
+    if isinstance(address, ipaddress.IPv6Address):
+        return f"ip:{ipaddress.IPv6Network((address, 64), strict=False)}"
+    return f"ip:{address}"
 
 
 class Peer:

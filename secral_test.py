@@ -1650,6 +1650,36 @@ def test_reputation_persists_through_its_store():
     assert again.score("domain:x", NOW) == -42 and again.banned("ip:9.9.9.9", NOW)
 
 
+def test_address_subjects_group_an_ipv6_site_and_unmap_ipv4():
+    assert secral.ip_subject("192.0.2.7") == "ip:192.0.2.7"
+    assert secral.ip_subject("::ffff:192.0.2.7") == "ip:192.0.2.7"
+    one, other = secral.ip_subject("2001:db8:1:2::5"), secral.ip_subject("2001:0db8:1:2:ffff:1:2:3")
+    assert one == other == "ip:2001:db8:1:2::/64"
+    assert secral.ip_subject("2001:db8:1:3::5") != one
+
+
+def test_a_full_reputation_table_forgets_the_least_telling_subjects_first(monkeypatch):
+    monkeypatch.setattr(secral, "MAX_REPUTATION_SUBJECTS", 20)
+    store = {}
+    rep = secral.Reputation(store)
+    rep.ban("ip:10.0.0.1", NOW)                         # ends in an hour
+    rep.ban("ip:10.0.0.2", NOW - 3 * 86_400)            # ended: no longer a ban
+    rep.change("domain:trusted", 80, NOW)
+    for i in range(17):
+        rep.change(f"ip:10.1.0.{i}", -1 - i, NOW)
+    assert len(rep.entries) == 20
+    rep.change("ip:10.2.0.1", -5, NOW)                  # one more: a tenth goes
+    assert len(rep.entries) == 19
+    assert "ip:10.1.0.0" not in rep.entries and "ip:10.2.0.1" in rep.entries
+    assert rep.banned("ip:10.0.0.1", NOW) and rep.score("domain:trusted", NOW) == 80
+    for i in range(100):
+        rep.change(f"ip:10.3.0.{i}", -50, NOW)
+    rep.flush(NOW)
+    assert len(rep.entries) <= 20 and len(store) <= 20
+    assert rep.banned("ip:10.0.0.1", NOW) and rep.score("domain:trusted", NOW) == 80
+
+
+
 # =============================================================================
 # Stores: SqliteMapping, JsonShelf and batch() on real files
 # =============================================================================
@@ -3012,6 +3042,33 @@ def test_hostile_query_flood_leaves_room_for_other_peers_questions(target, monke
     with target.shell.lock:
         pending = [q for q in target.shell.core.names.queries.values() if q.origin is not None]
     assert len(pending) <= secral.MAX_QUERIES_PER_PEER + 1
+
+
+def test_hostile_flood_of_fresh_addresses_keeps_the_reputation_table_bounded(target, monkeypatch):
+    """Unbounded reputation table (9.3, 12): every fresh address that sends
+    garbage is a new subject; the table, and its store, stay under the bound,
+    and a ban earned before the flood still holds."""
+    monkeypatch.setattr(secral, "MAX_REPUTATION_SUBJECTS", 40)
+    for _ in range(5):                          # five garbage lines: -100, banned
+        first = Attacker(target.port, 190)
+        first.raw(b"garbage\n")
+        assert first.closed_by_peer()
+        first.close()
+    assert banned(target, "ip:127.0.0.190")
+    for i in range(120):
+        flood = RawPeer(target.port, None, source=f"127.0.1.{10 + i}")
+        flood.sock.settimeout(15)
+        flood.sock.sendall(b"garbage\n")
+        flood.wait_for("never")                 # until the node hangs up
+        flood.close()
+    eventually(lambda: score_of(target, "ip:127.0.1.129") < 0)
+    with target.shell.lock:
+        reputation = target.shell.core.reputation
+        reputation.flush(now_int())
+        assert len(reputation.entries) <= 40 and len(reputation.store) <= 40
+    assert banned(target, "ip:127.0.0.190")
+    assert Attacker(target.port, 190).closed_by_peer()     # refused before a hello
+    assert target.honest_mail_arrives()
 
 
 def test_hostile_duplicate_flood_gets_banned(target):
