@@ -3183,9 +3183,33 @@ class Stores:
 
 MAX_QUEUE_BYTES = 16 << 20      # unsent bytes per connection; a peer that does not
                                 # read that much is dropped rather than buffered
+MAX_QUEUED_TOTAL = 64 << 20     # unsent bytes on all connections together: 96
+                                # connections of 16 MiB each would be 1.5 GiB (9.3)
 TICK_SECONDS = 0.5              # how often the core is told that time passed
 SOCKET_TIMEOUT = IDLE_TIMEOUT + 30   # a safety net under the core's own timeouts
 SERVE_POLL = 0.05               # seconds; how soon a listening server notices stop()
+
+
+class SendBudget:
+    """The unsent bytes of all connections together, at most MAX_QUEUED_TOTAL
+    (9.3).  Taken when a line is queued, given back when it is written or
+    thrown away; the shell decides whom to drop when a take fails."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.lock = threading.Lock()      # writers give back without the shell's lock
+
+    def take(self, size: int) -> bool:
+        with self.lock:
+            if self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self.lock:
+            self.used -= size
 
 
 class Connection:
@@ -3243,13 +3267,26 @@ class Connection:
     # writer --------------------------------------------------------------
 
     def send(self, line: bytes) -> None:
+        """Queue a line (called under the shell's lock, so by one sender at a
+        time).  A peer that lets MAX_QUEUE_BYTES pile up is dropped; when all
+        queues together would pass MAX_QUEUED_TOTAL, the shell drops the
+        connection that has the most waiting, which is this one or a peer
+        that reads less (9.3)."""
+        if self.closing:
+            return
+        if self.queued + len(line) > MAX_QUEUE_BYTES:
+            self.abort("peer is not reading")
+            return
+        while not self.shell.budget.take(len(line)):
+            victim = self.shell.longest_queue()
+            if victim is None or victim.queued <= self.queued:
+                victim = self
+            victim.abort("the node's send queues are full and this peer reads least")
+            if victim is self:
+                return
         with self.cond:
             if self.closing:
-                return
-            if self.queued + len(line) > MAX_QUEUE_BYTES:
-                log.warning("connection %d: peer is not reading; dropping it", self.id)
-                self.closing = True
-                self.cond.notify()
+                self.shell.budget.give(len(line))
                 return
             self.queue.append(line)
             self.queued += len(line)
@@ -3260,6 +3297,20 @@ class Connection:
         with self.cond:
             self.closing = True
             self.cond.notify()
+
+    def abort(self, why: str) -> None:
+        """Close now: throw the queue away and shut the socket, so that a
+        writer stuck on a peer that does not read, and the reader, both end."""
+        with self.cond:
+            dropped, self.queued = self.queued, 0
+            self.queue.clear()
+            if dropped or not self.closing:
+                log.warning("connection %d: %s; dropping it", self.id, why)
+            self.closing = True
+            self.cond.notify()
+        self.shell.budget.give(dropped)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def _write_loop(self) -> None:
         rate = self.shell.core.config.send_rate          # below the peer's limit (9.3)
@@ -3273,6 +3324,7 @@ class Connection:
                         break
                     line = self.queue.popleft()
                     self.queued -= len(line)
+                self.shell.budget.give(len(line))
                 delay = pace.reserve(time.monotonic())      # pace below the peer's limit (9.3)
                 if delay:
                     time.sleep(delay)
@@ -3402,6 +3454,7 @@ class NodeShell:
         self.changed = threading.Condition(self.lock)
         self.generation = 0                     # bumped on every event, for waiters
         self.conns: dict[int, Connection] = {}
+        self.budget = SendBudget(MAX_QUEUED_TOTAL)
         self.stopping = threading.Event()
         self.closed = False
         if self.server and config.host is not None and not config.port:
@@ -3484,6 +3537,10 @@ class NodeShell:
     def unregister(self, conn: Connection) -> None:
         with self.lock:
             self.conns.pop(conn.id, None)
+
+    def longest_queue(self) -> Connection | None:
+        with self.lock:
+            return max(self.conns.values(), key=lambda conn: conn.queued, default=None)
 
     def ip_banned(self, ip: str) -> bool:
         with self.lock:

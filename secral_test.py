@@ -3071,6 +3071,41 @@ def test_hostile_flood_of_fresh_addresses_keeps_the_reputation_table_bounded(tar
     assert target.honest_mail_arrives()
 
 
+def test_hostile_peers_that_never_read_cannot_pile_up_the_nodes_memory(target):
+    """No total cap on send queues (9.3, 12): two peers shake hands and then
+    never read, while a third floods big valid mails that the node relays to
+    every peer.  All queues together stay under the node-wide bound; the
+    peers that read least are dropped, the honest one is kept."""
+    limit = 1 << 20
+    target.shell.budget.limit = limit           # (64 MiB by default)
+    sinks = [Attacker(target.port, 220 + i) for i in range(2)]
+    for sink in sinks:
+        sink.handshake()                        # and from now on reads nothing
+    flooder = Attacker(target.port, 222)
+    flooder.handshake()
+    nowhere = key(223)                          # a node that is not running
+    count = 48                                  # 8 MiB: more than loopback buffers hold
+    for i in range(count):
+        flooder.send({"type": "mail", "hops": 8, "mail": secral.seal_mail(
+            key(222), Address("Default", key(222).domain), Address("Default", nowhere.domain),
+            nowhere.public_b64, f"big {i}", "x" * secral.MAX_BODY, now_int())})
+
+    def held_by_honest() -> int:
+        with target.honest.shell.lock:
+            return sum(1 for item in target.honest.shell.core.items.values() if item.kind == "mail")
+    eventually(lambda: held_by_honest() == count)
+    with target.shell.lock:
+        queued = sum(conn.queued for conn in target.shell.conns.values())
+        assert queued <= limit and target.shell.budget.used <= limit
+    for sink in sinks:                          # both were dropped: read to the end
+        sink.sock.settimeout(15)
+        with contextlib.suppress(ConnectionResetError):
+            while sink.sock.recv(1 << 16):
+                pass
+    assert target.honest.domain in target.peer_domains()
+    assert target.honest_mail_arrives()
+
+
 def test_hostile_duplicate_flood_gets_banned(target):
     attacker = Attacker(target.port, 170)
     attacker.handshake()
