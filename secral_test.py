@@ -3458,7 +3458,7 @@ def test_smtp_refuses_what_it_cannot_carry_and_accepts_common_logins(mail_pair):
         client.send_message(message)
     assert refused.value.smtp_code == 554 and b"5.6.1" in refused.value.smtp_error
     assert b"image/png" in refused.value.smtp_error
-    line_breaker = f"Subject: two\u2028lines\r\n\r\nbody\r\n".encode()
+    line_breaker = "Subject: two\u2028lines\r\n\r\nbody\r\n".encode()
     with pytest.raises(smtplib.SMTPDataError) as refused:
         client.sendmail(a.address(), [b.address("bob")], line_breaker)
     assert refused.value.smtp_code == 554
