@@ -1220,6 +1220,8 @@ MAX_QUERIES_PER_PEER = 64       # ... of which one peer's forwarded questions ma
 SEEN_QUERIES = 8192             # NIS query ids remembered to drop duplicates
 SWEEP_SECONDS = 60              # how often expired objects are purged
 MAINTAIN_SECONDS = 5            # how often outbound connections are topped up
+PROTECTED_PER_KIND = 8          # inbound peers kept from eviction for each kind of
+                                # value (9.3): bounded, so value is no squatter's shield
 
 
 # -- Actions: what the core asks the shell to do --------------------------------
@@ -1268,6 +1270,7 @@ class Config:
     max_outbound: int = 32              # including direct dials to recipients
     max_inbound: int = 64
     max_inbound_per_ip: int = 16
+    max_inbound_per_range: int = 32     # one /24 or IPv6 /48 holds at most half (9.3)
     rate: float = RATE_PER_SECOND       # what we accept from a peer ...
     burst: int = RATE_BURST
     send_rate: float = SEND_RATE        # ... and how fast we send to one (below its limit)
@@ -1315,19 +1318,36 @@ def domain_subject(domain: str) -> str:
     return f"domain:{domain}"
 
 
+def parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address, an IPv4-mapped IPv6 one as IPv4; None for anything else
+    (tests name addresses freely)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def address_range(ip: str) -> str:
+    """The block one operator usually holds (9.3): an IPv4 /24, the smallest
+    routed on the Internet, or an IPv6 /48, a site's usual allocation."""
+    address = parse_ip(ip)
+    if address is None:
+        return ip
+    bits = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network((address, bits), strict=False))
+
+
 def ip_subject(ip: str) -> str:
     """Who is scored before that, and for what may not be the peer's doing (9.1):
     an IPv4 address, or the /64 network of an IPv6 one, because a /64 is what
     one site gets and an attacker holds 2^64 addresses in it (9.2)."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return f"ip:{ip}"                       # (tests name addresses freely)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return f"ip:{address.ipv4_mapped}"
-    if isinstance(address, ipaddress.IPv6Address):
-        return f"ip:{ipaddress.IPv6Network((address, 64), strict=False)}"
-    return f"ip:{address}"
+    address = parse_ip(ip)
+    if address is None or address.version == 4:
+        return f"ip:{address or ip}"
+    return f"ip:{ipaddress.ip_network((address, 64), strict=False)}"
 
 
 class Peer:
@@ -1355,6 +1375,7 @@ class Peer:
         self.verified = False                   # ... and proven by auth
         self.opened = now
         self.last_rx = now
+        self.last_object: float | None = None   # its last mail, ack or NIS answer (9.3)
         self.pinged = now
         self.bucket = bucket
         self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -1471,6 +1492,61 @@ def backoff(tries: int, first: float, cap: float) -> float:
     return min(cap, first * 2 ** min(tries, 20))
 
 
+class InboundSlots:
+    """Who gets an inbound slot (9.3, "Inbound caps"): the caps per address and
+    per address range, and when every slot is taken, whom a newcomer evicts.
+
+    A squatter holds slots by being cheap, not bad: many identities that shake
+    hands and sit idle, score 0.  So eviction protects peers by the value they
+    brought, a few of each kind, and among the rest takes from the address
+    range that holds the most slots, its youngest connection first: a crowd
+    from a few ranges makes room for others out of its own ranks, while long-
+    standing peers and lone newcomers from other ranges stay."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+
+    def refusal(self, ip: str, inbound: list[Peer]) -> str | None:
+        """Why a newcomer from `ip` is refused before anyone is evicted, or None."""
+        config = self.node.config
+        if sum(p.ip == ip for p in inbound) >= config.max_inbound_per_ip:
+            return "too many connections from this address"
+        block = address_range(ip)
+        if sum(address_range(p.ip) == block for p in inbound) >= config.max_inbound_per_range:
+            return "too many connections from this address range"
+        return None
+
+    def protected(self, inbound: list[Peer], now: float) -> set[int]:
+        """The open peers no newcomer evicts: for each kind of value, the
+        PROTECTED_PER_KIND that brought the most."""
+        scores = {p.conn: self.score(p, now) for p in inbound}
+        good = [p for p in inbound if p.state == "open" and scores[p.conn] >= 0]
+        held = self.node.delivery.items_for
+        kinds = (
+            (lambda p: scores[p.conn], lambda p: scores[p.conn] > 0),           # reputation earned
+            (lambda p: p.last_object, lambda p: p.last_object is not None),     # mail, acks, answers
+            (lambda p: len(held.get(p.domain, ())), lambda p: p.domain in held),  # mail waits for it
+        )
+        keep: set[int] = set()
+        for worth, counts in kinds:
+            ranked = sorted((p for p in good if counts(p)), key=lambda p: (-worth(p), p.conn))
+            keep.update(p.conn for p in ranked[:PROTECTED_PER_KIND])
+        return keep
+
+    def victim(self, inbound: list[Peer], now: float) -> Peer | None:
+        """The connection a newcomer evicts, or None: the newcomer is refused.
+        First a peer with a negative score (the lowest), then the youngest
+        connection of the range with the most."""
+        keep = self.protected(inbound, now)
+        candidates = [p for p in inbound if p.conn not in keep]
+        crowd = collections.Counter(address_range(p.ip) for p in inbound)
+        return min(candidates, default=None, key=lambda p: (
+            min(self.score(p, now), 0), -crowd[address_range(p.ip)], -p.opened, -p.conn))
+
+    def score(self, peer: Peer, now: float) -> int:
+        return self.node.reputation.score(peer.subject, int(now))
+
+
 class Links:
     """Connections (PROTOCOL.md 8 and 9.3): admission, the handshake, link
     MACs, the rate limit, keepalive and timeouts, scoring and bans.  Frames
@@ -1480,6 +1556,7 @@ class Links:
         self.node = node
         self.peers: dict[int, Peer] = {}        # every connection, by the shell's handle
         self.open: dict[str, Peer] = {}         # connections past the handshake, by domain
+        self.slots = InboundSlots(node)
 
     # -- sending and closing ------------------------------------------------------
 
@@ -1523,29 +1600,23 @@ class Links:
         if self.node.reputation.banned(ip_subject(ip), int(now)):
             self.close(peer, "banned", "this address is banned", now)
             return
-        if dialled is None:
-            inbound = [p for p in self.peers.values() if not p.outbound and p is not peer]
-            if sum(p.ip == ip for p in inbound) >= self.node.config.max_inbound_per_ip:
-                self.close(peer, "busy", "too many connections from this address", now)
-                return
-            if len(inbound) >= self.node.config.max_inbound:
-                self.evict_inbound(peer, inbound, now)
-                if peer.state == "closed":
-                    return
+        if dialled is None and not self.admit(peer, now):
+            return
         self.send(peer, make_hello(self.node.names.record, nonce))
 
-    def evict_inbound(self, newcomer: Peer, inbound: list[Peer], now: float) -> None:
-        """Make room (9.3): the oldest unfinished handshake goes first, then the
-        worst peer with a negative score; failing both, the newcomer is refused."""
-        pending = [p for p in inbound if p.state != "open"]
-        if pending:
-            self.close(min(pending, key=lambda p: p.opened), "busy", "evicted to make room", now)
-            return
-        worst = min(inbound, key=lambda p: self.node.score(p.domain, now))
-        if self.node.score(worst.domain, now) < 0:
-            self.close(worst, "busy", "evicted to make room for a better peer", now)
-        else:
-            self.close(newcomer, "busy", "too many connections", now)
+    def admit(self, newcomer: Peer, now: float) -> bool:
+        """Give an inbound newcomer a slot, evicting if all are taken (9.3)."""
+        inbound = [p for p in self.peers.values() if not p.outbound and p is not newcomer]
+        refusal = self.slots.refusal(newcomer.ip, inbound)
+        if refusal is None and len(inbound) >= self.node.config.max_inbound:
+            victim = self.slots.victim(inbound, now)
+            if victim is None:
+                refusal = "too many connections"
+            else:
+                self.close(victim, "busy", "evicted to make room", now)
+        if refusal is not None:
+            self.close(newcomer, "busy", refusal, now)
+        return refusal is None
 
     def drop(self, peer: Peer, reason: str, now: float) -> None:
         """The connection is gone: forget it, and tell the engines that care."""
@@ -1614,6 +1685,8 @@ class Links:
         if peer.state not in FRAME_TYPES[frame["type"]].states:
             raise RemoteError("not_ready", f"{frame['type']} before the handshake is complete")
         self.node.handlers[frame["type"]](peer, frame, now)
+        if frame["type"] in ("mail", "ack", "nis_answer"):
+            peer.last_object = now              # what protects it from eviction (9.3)
 
     def line_too_long(self, conn: int, now: float) -> None:
         """The shell read MAX_LINE bytes without a newline (3.1)."""

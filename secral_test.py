@@ -993,6 +993,39 @@ def test_a_ban_ends_unfinished_handshakes_from_that_address():
     assert any(c == 500 and reason == "banned" for n, c, reason in wire.closed if n == "a")
 
 
+def test_a_full_node_evicts_by_the_inbound_table():
+    """9.3 "Inbound caps", row by row, on peers set up by hand."""
+    node = Node(key(0), Stores.memory(), Config(), NOW, Counter(1))
+    slots = node.links.slots
+
+    def peer(conn, ip, opened, domain=None, score=0, last_object=None):
+        p = secral.Peer(conn, ip, None, "", secral.TokenBucket(1, 1, NOW), NOW + opened)
+        if domain:
+            p.state, p.domain, p.verified = "open", domain, True
+        p.last_object = last_object
+        if score:
+            node.reputation.change(p.subject, score, NOW)
+        return p
+    crowd = [peer(i, f"10.1.0.{i}", i, f"node-crowd{i}") for i in range(1, 6)]
+    loner = peer(9, "10.9.0.1", 50, "node-loner")
+    assert slots.victim([*crowd, loner], NOW + 60) is crowd[-1]            # youngest of the crowd
+    pending = peer(10, "10.1.0.7", 55)                                     # handshaking: a candidate
+    assert slots.victim([*crowd, loner, pending], NOW + 60) is pending
+    sour = peer(11, "10.8.0.1", 1, "node-sour", score=-3)
+    assert slots.victim([*crowd, loner, sour], NOW + 60) is sour          # below 0 goes first
+    useful = [peer(20 + i, f"10.2.0.{i}", 60 + i, f"node-useful{i}", score=5) for i in range(9)]
+    victim = slots.victim(useful, NOW + 90)                                # only 8 are protected
+    assert victim is useful[-1] and victim.subject == "domain:node-useful8"
+    active = [peer(40 + i, f"10.3.0.{i}", 70 + i, f"node-active{i}", last_object=NOW + i) for i in range(9)]
+    assert slots.victim(active, NOW + 90) is active[0]                     # the least recently active
+    node.delivery.items_for["node-crowd5"].add("mail/x")
+    assert slots.victim(crowd, NOW + 60) is crowd[-2]                      # mail waits for crowd5
+    assert slots.victim(useful[:8], NOW + 90) is None                      # all protected: refuse
+    assert slots.refusal("10.1.0.1", [peer(100 + i, "10.1.0.1", 0) for i in range(16)])
+    assert slots.refusal("10.1.0.99", [peer(200 + i, f"10.1.0.{i}", 0) for i in range(32)])
+    assert slots.refusal("10.1.1.99", [peer(200 + i, f"10.1.0.{i}", 0) for i in range(32)]) is None
+
+
 # -- Delivery: routing, relay store, acks, retries (7) ------------------------
 
 def test_direct_delivery_is_stored_then_acked():
@@ -1656,6 +1689,12 @@ def test_address_subjects_group_an_ipv6_site_and_unmap_ipv4():
     one, other = secral.ip_subject("2001:db8:1:2::5"), secral.ip_subject("2001:0db8:1:2:ffff:1:2:3")
     assert one == other == "ip:2001:db8:1:2::/64"
     assert secral.ip_subject("2001:db8:1:3::5") != one
+
+
+def test_address_ranges_are_ipv4_slash_24_and_ipv6_slash_48():
+    assert secral.address_range("192.0.2.7") == secral.address_range("::ffff:192.0.2.200") == "192.0.2.0/24"
+    assert secral.address_range("2001:db8:1:2::5") == secral.address_range("2001:db8:1:ffff::1") == "2001:db8:1::/48"
+    assert secral.address_range("2001:db8:2::1") != "2001:db8:1::/48"
 
 
 def test_a_full_reputation_table_forgets_the_least_telling_subjects_first(monkeypatch):
@@ -3102,6 +3141,65 @@ def test_hostile_peers_that_never_read_cannot_pile_up_the_nodes_memory(target):
         with contextlib.suppress(ConnectionResetError):
             while sink.sock.recv(1 << 16):
                 pass
+    assert target.honest.domain in target.peer_domains()
+    assert target.honest_mail_arrives()
+
+
+def test_hostile_squatters_leave_room_for_a_newcomer_to_fetch_its_mail(target):
+    """Inbound slot squatting (9.3, 12): identities from four addresses in two
+    ranges take every inbound slot, behave and sit idle.  A recipient that can
+    only fetch its held mail by dialling in still gets a slot and its mail, and
+    keeps the slot while the crowd churns: each squatter that comes back
+    evicts one of its own range."""
+    newcomer_key = key(138)
+    sender = Attacker(target.port, 139, key_index=140)      # leaves a mail for the newcomer
+    sender.handshake()
+    sender.send(mail_frame(140, newcomer_key))
+    sender.send({"type": "ping"})
+    assert sender.wait_for("pong")
+    sender.close()
+    eventually(lambda: len(target.peer_domains()) == 1)
+    target.config.max_inbound = 9               # the honest peer and eight squatters
+    crowd = {130 + i: f"127.0.{1 + i // 4}.{1 + i % 2}" for i in range(8)}
+    squatters = {}
+
+    def squat(index: int) -> None:
+        squatters[index] = RawPeer(target.port, key(index), source=crowd[index])
+        squatters[index].handshake()
+    for index in crowd:
+        squat(index)
+    assert len(target.peer_domains()) == 9
+    newcomer = RawPeer(target.port, newcomer_key, source="127.0.3.1")
+    newcomer.handshake()
+    held = next((f for f in newcomer.received if f["type"] == "mail"), None) or newcomer.wait_for("mail")
+    assert held["mail"]["to"] == f"Default@{newcomer_key.domain}"
+    for _ in range(4):                          # the evicted come back, one at a time
+        gone = eventually(lambda: [i for i in crowd if key(i).domain not in target.peer_domains()])
+        squat(gone[0])
+        assert newcomer_key.domain in target.peer_domains() and target.honest.domain in target.peer_domains()
+    assert target.honest_mail_arrives()
+
+
+def test_hostile_handshake_churn_evicts_the_churner_not_a_slow_newcomer(target):
+    """Handshake churn (9.3, 12): an address opens connection after connection
+    and never finishes a handshake, while an honest newcomer from elsewhere
+    takes its time (a WAN round trip) over its own.  The churner's
+    connections make room from its own; the newcomer's handshake completes."""
+    target.config.max_inbound = 4               # the honest peer, the newcomer, two more
+    slow = RawPeer(target.port, key(141), source="127.0.5.1")
+    hello = slow.recv()
+    churn = []
+    for _ in range(20):
+        churn.append(Attacker(target.port, 142, key_index=142))
+        assert churn[-1].wait_for("hello")
+    record = secral.verify_record(hello["record"], now_int())
+    mine = secral.make_record(key(141), None, 0, now_int(), now_int() + 3600)
+    nonce, secret = os.urandom(secral.HELLO_NONCE), os.urandom(secral.LINK_SECRET)
+    slow.send(secral.make_hello(mine, nonce))
+    slow.send(secral.make_auth(key(141), record, hello["nonce"], secret))
+    auth = slow.wait_for("auth")
+    assert auth is not None, slow.received
+    slow.close()
     assert target.honest.domain in target.peer_domains()
     assert target.honest_mail_arrives()
 
