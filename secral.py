@@ -1118,8 +1118,8 @@ class Reputation:
         entry = self._entry(subject, now)
         length = min(BAN_SECONDS * 2 ** min(entry["bans"], 16), BAN_MAX_SECONDS)
         entry.update(score=SCORE_MIN, at=now, bans=entry["bans"] + 1, until=now + length)
-        self.dirty.add(subject)
-        self.flush(now)
+        self.store[subject] = entry             # a ban is saved at once, on its own
+        self.dirty.discard(subject)
         return entry["until"]
 
     def make_room(self, now: int) -> None:
@@ -1133,10 +1133,12 @@ class Reputation:
             subject, entry = item
             entry = self._entry(subject, now)
             return (entry["until"] > now, abs(entry["score"]), entry["at"], entry["until"])
-        for subject, _ in sorted(self.entries.items(), key=worth)[:max(1, MAX_REPUTATION_SUBJECTS // 10)]:
-            del self.entries[subject]
-            self.dirty.discard(subject)
-            self.store.pop(subject, None)
+        forget = sorted(self.entries.items(), key=worth)[:max(1, MAX_REPUTATION_SUBJECTS // 10)]
+        with Stores.batch_of(self.store):
+            for subject, _ in forget:
+                del self.entries[subject]
+                self.dirty.discard(subject)
+                self.store.pop(subject, None)
 
     def banned(self, subject: str, now: int) -> bool:
         entry = self.entries.get(subject)
@@ -1146,15 +1148,17 @@ class Reputation:
         return sorted((s, e) for s, e in self.entries.items() if e["until"] > now)
 
     def flush(self, now: int) -> None:
-        """Save what changed; forget subjects that decayed back to nothing."""
-        for subject in list(self.entries):
-            entry = self._entry(subject, now)
-            if entry["score"] == 0 and entry["bans"] == 0:
-                del self.entries[subject]
-                if subject in self.dirty or subject in self.store:
-                    self.store.pop(subject, None)
-            elif subject in self.dirty:
-                self.store[subject] = entry
+        """Save what changed, in one transaction; forget subjects that decayed
+        back to nothing."""
+        with Stores.batch_of(self.store):
+            for subject in list(self.entries):
+                entry = self._entry(subject, now)
+                if entry["score"] == 0 and entry["bans"] == 0:
+                    del self.entries[subject]
+                    if subject in self.dirty or subject in self.store:
+                        self.store.pop(subject, None)
+                elif subject in self.dirty:
+                    self.store[subject] = entry
         self.dirty.clear()
 
 
@@ -3221,7 +3225,10 @@ class Stores:
 
     def batch(self, name: str) -> contextlib.AbstractContextManager:
         """One transaction for several writes to one store (a no-op in memory)."""
-        store = getattr(self, name)
+        return self.batch_of(getattr(self, name))
+
+    @staticmethod
+    def batch_of(store: MutableMapping) -> contextlib.AbstractContextManager:
         return store.batch() if hasattr(store, "batch") else contextlib.nullcontext()
 
     @classmethod
