@@ -3381,16 +3381,22 @@ class Connection:
     def abort(self, why: str) -> None:
         """Close now: throw the queue away and shut the socket, so that a
         writer stuck on a peer that does not read, and the reader, both end."""
+        was_closing, dropped = self.closing, self._discard()
+        if dropped or not was_closing:
+            log.warning("connection %d: %s; dropping it", self.id, why)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _discard(self) -> int:
+        """Stop queueing and throw the queue away, giving its bytes back to
+        the node's budget (9.3).  Returns how many bytes were dropped."""
         with self.cond:
             dropped, self.queued = self.queued, 0
             self.queue.clear()
-            if dropped or not self.closing:
-                log.warning("connection %d: %s; dropping it", self.id, why)
             self.closing = True
             self.cond.notify()
         self.shell.budget.give(dropped)
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        return dropped
 
     def _write_loop(self) -> None:
         rate = self.shell.core.config.send_rate          # below the peer's limit (9.3)
@@ -3412,6 +3418,7 @@ class Connection:
         except OSError:
             pass
         finally:
+            self._discard()                     # a reset peer leaves no bytes counted
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
