@@ -1061,8 +1061,8 @@ REPUTATION_EVENTS: dict[str, tuple[int, bool]] = {
     "rate_exceeded":     (-2,    False),      # the frame is dropped, too
     "duplicate":         (-5,    False),      # the same object twice on one connection
     "timeout":           (0,     True),       # slow links exist: closed, not blamed
-    "bad_record":        (-10,   False),      # a record it passed on named an address
-                                              # that did not answer as that node (9.1)
+    "bad_record":        (-10,   False),      # its record named an address that did
+                                              # not answer as this node (9.1)
     # rewards: what honest peers do
     "mail_relayed":      (+1,    False),      # a mail it brought us, once its ack proves it real
     "ack_relayed":       (+1,    False),      # a valid ack we had not seen
@@ -1125,14 +1125,17 @@ class Reputation:
     def make_room(self, now: int) -> None:
         """Keep at most MAX_REPUTATION_SUBJECTS (9.3).  When full, a tenth is
         forgotten at once, in this order: subjects not banned before banned
-        ones; among those, the score nearest 0 first, then the one changed
-        longest ago; among bans, the one ending soonest."""
+        ones; among those, the score nearest 0 first; among bans, the one
+        ending soonest (a banned score decays like any other: it says nothing
+        of how long the ban runs)."""
         if len(self.entries) < MAX_REPUTATION_SUBJECTS:
             return
         def worth(item: tuple[str, dict]) -> tuple:
             subject, entry = item
             entry = self._entry(subject, now)
-            return (entry["until"] > now, abs(entry["score"]), entry["at"], entry["until"])
+            if entry["until"] > now:
+                return (1, entry["until"], subject)
+            return (0, abs(entry["score"]), subject)
         forget = sorted(self.entries.items(), key=worth)[:max(1, MAX_REPUTATION_SUBJECTS // 10)]
         with Stores.batch_of(self.store):
             for subject, _ in forget:
@@ -1219,8 +1222,8 @@ RETRY_MAX = 300                 # doubling each time up to five minutes
 DIAL_RETRY_FIRST = 5            # seconds before a failed peer is dialled again,
 DIAL_RETRY_MAX = 600            # doubling up to ten minutes
 MAX_QUERIES = 1024              # NIS queries in flight (ours and forwarded) ...
-MAX_QUERIES_PER_PEER = 64       # ... of which one peer's forwarded questions may hold
-                                # this many: a flood from one fills only its share (9.3)
+MAX_QUERIES_PER_PEER = 64       # ... of which the unanswered questions forwarded for one
+                                # address may hold this many: a flood fills only its share
 SEEN_QUERIES = 8192             # NIS query ids remembered to drop duplicates
 SWEEP_SECONDS = 60              # how often expired objects are purged
 MAINTAIN_SECONDS = 5            # how often outbound connections are topped up
@@ -1377,9 +1380,10 @@ class Peer:
         self.record: dict | None = None
         self.domain: str | None = None          # claimed by hello ...
         self.verified = False                   # ... and proven by auth
+        self.address_subject = ip_subject(ip)   # its address, or IPv6 /64 (9.1)
         self.opened = now
         self.last_rx = now
-        self.last_object: float | None = None   # its last mail, ack or NIS answer (9.3)
+        self.last_object: float | None = None   # when it last brought something new (9.3)
         self.pinged = now
         self.bucket = bucket
         self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -1513,7 +1517,8 @@ class InboundSlots:
     def refusal(self, ip: str, inbound: list[Peer]) -> str | None:
         """Why a newcomer from `ip` is refused before anyone is evicted, or None."""
         config = self.node.config
-        if sum(p.ip == ip for p in inbound) >= config.max_inbound_per_ip:
+        subject = ip_subject(ip)                # an address, or an IPv6 /64 (9.1)
+        if sum(p.address_subject == subject for p in inbound) >= config.max_inbound_per_ip:
             return "too many connections from this address"
         block = address_range(ip)
         if sum(address_range(p.ip) == block for p in inbound) >= config.max_inbound_per_range:
@@ -1528,7 +1533,7 @@ class InboundSlots:
         held = self.node.delivery.items_for
         kinds = (
             (lambda p: scores[p.conn], lambda p: scores[p.conn] > 0),           # reputation earned
-            (lambda p: p.last_object, lambda p: p.last_object is not None),     # mail, acks, answers
+            (lambda p: p.last_object, lambda p: p.last_object is not None),     # new objects brought
             (lambda p: len(held.get(p.domain, ())), lambda p: p.domain in held),  # mail waits for it
         )
         keep: set[int] = set()
@@ -1689,8 +1694,6 @@ class Links:
         if peer.state not in FRAME_TYPES[frame["type"]].states:
             raise RemoteError("not_ready", f"{frame['type']} before the handshake is complete")
         self.node.handlers[frame["type"]](peer, frame, now)
-        if frame["type"] in ("mail", "ack", "nis_answer"):
-            peer.last_object = now              # what protects it from eviction (9.3)
 
     def line_too_long(self, conn: int, now: float) -> None:
         """The shell read MAX_LINE bytes without a newline (3.1)."""
@@ -1738,6 +1741,7 @@ class Links:
 
     def reward(self, peer: Peer, event: str, now: float) -> None:
         self.node.reputation.change(peer.subject, REPUTATION_EVENTS[event][0], int(now))
+        peer.last_object = now                  # it brought something new (9.3)
 
     def ban(self, peer: Peer, now: float, subject: str) -> None:
         """Ban the peer's domain and address (9.2).  Unfinished handshakes from
@@ -1746,7 +1750,7 @@ class Links:
         if subject != ip_subject(peer.ip):
             self.node.reputation.ban(ip_subject(peer.ip), int(now))
         for other in list(self.peers.values()):
-            if other is not peer and other.ip == peer.ip and not other.verified:
+            if other is not peer and other.address_subject == peer.address_subject and not other.verified:
                 self.close(other, "banned", "this address is banned", now)
         self.node.event("banned", domain=peer.domain, ip=peer.ip, until=until)
         self.close(peer, "banned", f"reputation reached {SCORE_MIN}; banned for {until - int(now)} s", now)
@@ -2073,6 +2077,7 @@ class Delivery:
         self.stores.relay[key] = {"kind": kind, "obj": obj, "hops": hops - 1,
                                   "received": int(now), "expires": expires}
         self.remember(key, expires)
+        peer.last_object = now                  # a new object to carry (9.3)
         item.offered.add(peer.conn)
         self.add(item)
         self.route(item, now)
@@ -2458,10 +2463,9 @@ class Names:
         """Our own record, or an unexpired one from the map."""
         return self.record if domain == self.node.domain else self.known_record(domain, now)
 
-    def learn_record(self, record: dict, now: float, via: str | None = None) -> bool:
+    def learn_record(self, record: dict, now: float) -> bool:
         """Keep a verified record if it is newer than ours for that domain (5.3);
-        then the peer set learns its address and waiting mail its key.  `via`
-        is the domain of the peer that passed it on, if not its owner (9.1)."""
+        then the peer set learns its address and waiting mail its key."""
         domain = record["domain"]
         if domain == self.node.domain or not record_supersedes(record, self.stores.nis.get(domain)):
             return False
@@ -2476,7 +2480,7 @@ class Names:
                 victim = min(victims, key=self.expiry.get)
                 del self.expiry[victim], self.stores.nis[victim]
         if record["host"] is not None:
-            self.node.peerset.record_learned(record, via)
+            self.node.peerset.record_learned(record)
         self.node.outbox.record_learned(domain, now)
         return True
 
@@ -2529,6 +2533,15 @@ class Names:
             self.seen_queries.popitem(last=False)
         return False
 
+    def share_full(self, peer: Peer) -> bool:
+        """Whether the peer's address already has MAX_QUERIES_PER_PEER questions
+        forwarded and unanswered (5.4): counted by address subject, so that
+        sixteen connections from one address share one share."""
+        peers = self.node.links.peers
+        held = sum(1 for q in self.queries.values() if not q.answered and q.origin in peers
+                   and peers[q.origin].address_subject == peer.address_subject)
+        return held >= MAX_QUERIES_PER_PEER
+
     def handle_nis_query(self, peer: Peer, frame: dict, now: float) -> None:
         """Answer from the map, or forward with one hop less and remember the way back."""
         if self.seen_query(frame["qid"]):
@@ -2538,8 +2551,7 @@ class Names:
         if record is not None:
             self.node.links.send(peer, {"type": "nis_answer", "qid": frame["qid"], "record": record})
             return
-        if (frame["hops"] == 0 or len(self.queries) >= MAX_QUERIES
-                or sum(q.origin == peer.conn for q in self.queries.values()) >= MAX_QUERIES_PER_PEER):
+        if frame["hops"] == 0 or len(self.queries) >= MAX_QUERIES or self.share_full(peer):
             return                              # not forwarded: the asker's timeout tells it
         query = Query(frame["qid"], domain, peer.conn, now + NIS_TIMEOUT)
         forward = {"type": "nis_query", "qid": frame["qid"], "domain": domain, "hops": frame["hops"] - 1}
@@ -2560,7 +2572,7 @@ class Names:
             self.node.links.misbehaved(peer, forgery_event(exc), exc.message, now)
             return
         self.node.links.reward(peer, "nis_answer", now)
-        self.learn_record(record, now, via=peer.domain)
+        self.learn_record(record, now)
         if query.answered:
             return
         query.answered = True
@@ -2725,27 +2737,23 @@ class PeerSet:
                 worst = max(candidates, key=lambda kv: (kv[1].get("fails", 0), -kv[1].get("seen", 0)))
                 del self.stores.peers[worst[0]]
 
-    def record_learned(self, record: dict, via: str | None) -> None:
-        """A record with a host: its address becomes (or stays) a known peer
-        (5.3), noting which peer vouched for a new address (9.1: `via`)."""
+    def record_learned(self, record: dict) -> None:
+        """A record with a host: its address becomes (or stays) a known peer (5.3)."""
         known = self.stores.peers.get(record["domain"], {"fails": 0, "next": 0, "seen": 0})
-        if (known.get("host"), known.get("port")) != (record["host"], record["port"]):
-            known["via"] = via
         self.remember(record["domain"], {**known, "host": record["host"], "port": record["port"]})
 
     def dialled_wrong(self, dial: Dial, now: float) -> None:
         """What we dialled on a record's word did not speak Secral, or was not
         the node the record names (9.1).  The address is not to blame -- it
-        never came to us -- so the record's address is forgotten, and the peer
-        that passed it on pays for the lie."""
+        never came to us -- nor is whoever passed the record on, since relays
+        pass on what others signed: the record's address is forgotten, and its
+        owner, whose signature made the claim, pays for it."""
         known = self.stores.peers.get(dial.domain) if dial.domain else None
         if known is None or (known["host"], known["port"]) != (dial.host, dial.port):
             return                              # a bootstrap address, or already replaced
         del self.stores.peers[dial.domain]
-        via = known.get("via")
-        if via is not None:
-            self.node.links.blame(via, "bad_record", f"the address {dial.host}:{dial.port} of "
-                                  f"{dial.domain} does not answer as that node", now)
+        self.node.links.blame(dial.domain, "bad_record", f"its record's address {dial.host}:{dial.port} "
+                              "does not answer as this node", now)
 
     def sweep(self, now: float) -> None:
         """Forget addresses that stopped working (5.5, 7.7)."""
@@ -2782,7 +2790,7 @@ class PeerSet:
                 self.node.links.misbehaved(peer, forgery_event(exc), exc.message, now)
                 continue
             known = record["domain"] in self.stores.nis
-            if self.node.names.learn_record(record, now, via=peer.domain) and known:
+            if self.node.names.learn_record(record, now) and known:
                 fresher.append(record)
         if fresher:
             for other in self.node.links.open_peers(now, exclude=peer):
