@@ -1276,7 +1276,7 @@ class Config:
     target_outbound: int = 8
     max_outbound: int = 32              # including direct dials to recipients
     max_inbound: int = 64
-    max_inbound_per_ip: int = 16
+    max_inbound_per_ip: int = 16        # per address subject: an IPv4 address, an IPv6 /64
     max_inbound_per_range: int = 32     # one /24 or IPv6 /48 holds at most half (9.3)
     rate: float = RATE_PER_SECOND       # what we accept from a peer ...
     burst: int = RATE_BURST
@@ -1380,7 +1380,8 @@ class Peer:
         self.record: dict | None = None
         self.domain: str | None = None          # claimed by hello ...
         self.verified = False                   # ... and proven by auth
-        self.address_subject = ip_subject(ip)   # its address, or IPv6 /64 (9.1)
+        self.address_subject = ip_subject(ip)   # its address, or IPv6 /64 (9.1) ...
+        self.address_range = address_range(ip)  # ... and its /24 or /48 (9.3)
         self.opened = now
         self.last_rx = now
         self.last_object: float | None = None   # when it last brought something new (9.3)
@@ -1514,14 +1515,12 @@ class InboundSlots:
     def __init__(self, node: "Node"):
         self.node = node
 
-    def refusal(self, ip: str, inbound: list[Peer]) -> str | None:
-        """Why a newcomer from `ip` is refused before anyone is evicted, or None."""
+    def refusal(self, newcomer: Peer, inbound: list[Peer]) -> str | None:
+        """Why a newcomer is refused before anyone is evicted, or None."""
         config = self.node.config
-        subject = ip_subject(ip)                # an address, or an IPv6 /64 (9.1)
-        if sum(p.address_subject == subject for p in inbound) >= config.max_inbound_per_ip:
+        if sum(p.address_subject == newcomer.address_subject for p in inbound) >= config.max_inbound_per_ip:
             return "too many connections from this address"
-        block = address_range(ip)
-        if sum(address_range(p.ip) == block for p in inbound) >= config.max_inbound_per_range:
+        if sum(p.address_range == newcomer.address_range for p in inbound) >= config.max_inbound_per_range:
             return "too many connections from this address range"
         return None
 
@@ -1548,9 +1547,9 @@ class InboundSlots:
         connection of the range with the most."""
         keep = self.protected(inbound, now)
         candidates = [p for p in inbound if p.conn not in keep]
-        crowd = collections.Counter(address_range(p.ip) for p in inbound)
+        crowd = collections.Counter(p.address_range for p in inbound)
         return min(candidates, default=None, key=lambda p: (
-            min(self.score(p, now), 0), -crowd[address_range(p.ip)], -p.opened, -p.conn))
+            min(self.score(p, now), 0), -crowd[p.address_range], -p.opened, -p.conn))
 
     def score(self, peer: Peer, now: float) -> int:
         return self.node.reputation.score(peer.subject, int(now))
@@ -1616,7 +1615,7 @@ class Links:
     def admit(self, newcomer: Peer, now: float) -> bool:
         """Give an inbound newcomer a slot, evicting if all are taken (9.3)."""
         inbound = [p for p in self.peers.values() if not p.outbound and p is not newcomer]
-        refusal = self.slots.refusal(newcomer.ip, inbound)
+        refusal = self.slots.refusal(newcomer, inbound)
         if refusal is None and len(inbound) >= self.node.config.max_inbound:
             victim = self.slots.victim(inbound, now)
             if victim is None:
@@ -1747,8 +1746,8 @@ class Links:
         """Ban the peer's domain and address (9.2).  Unfinished handshakes from
         that address end too; other nodes already proven behind it stay."""
         until = self.node.reputation.ban(subject, int(now))
-        if subject != ip_subject(peer.ip):
-            self.node.reputation.ban(ip_subject(peer.ip), int(now))
+        if subject != peer.address_subject:
+            self.node.reputation.ban(peer.address_subject, int(now))
         for other in list(self.peers.values()):
             if other is not peer and other.address_subject == peer.address_subject and not other.verified:
                 self.close(other, "banned", "this address is banned", now)

@@ -1022,9 +1022,9 @@ def test_a_full_node_evicts_by_the_inbound_table():
     node.delivery.items_for["node-crowd5"].add("mail/x")
     assert slots.victim(crowd, NOW + 60) is crowd[-2]                      # mail waits for crowd5
     assert slots.victim(useful[:8], NOW + 90) is None                      # all protected: refuse
-    assert slots.refusal("10.1.0.1", [peer(100 + i, "10.1.0.1", 0) for i in range(16)])
-    assert slots.refusal("10.1.0.99", [peer(200 + i, f"10.1.0.{i}", 0) for i in range(32)])
-    assert slots.refusal("10.1.1.99", [peer(200 + i, f"10.1.0.{i}", 0) for i in range(32)]) is None
+    assert slots.refusal(peer(99, "10.1.0.1", 0), [peer(100 + i, "10.1.0.1", 0) for i in range(16)])
+    assert slots.refusal(peer(99, "10.1.0.99", 0), [peer(200 + i, f"10.1.0.{i}", 0) for i in range(32)])
+    assert slots.refusal(peer(99, "10.1.1.99", 0), [peer(200 + i, f"10.1.0.{i}", 0) for i in range(32)]) is None
 
 
 # -- Delivery: routing, relay store, acks, retries (7) ------------------------
