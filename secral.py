@@ -23,14 +23,14 @@ the section numbers cited in docstrings below are PROTOCOL.md's.
 
 Threat model
 ------------
-Relays and eavesdroppers are assumed hostile.  They can read everything on
-the wire except the subject and body, so they learn who mails whom (node
-and user names), when, and how much.  They cannot read, alter or forge a
-mail, an ack or a NIS record: each is signed, and names are checked against
-keys.  Links are authenticated, not encrypted: the handshake proves both
-keys and derives link keys, and every later frame carries an HMAC, so an
-on-path attacker can drop frames but not inject or alter them, and a node
-cannot borrow the identity of a node that dialled it.  Peers that send
+Relays and eavesdroppers are assumed hostile.  Every link is TLS 1.3, so
+an eavesdropper sees IP addresses, timing and byte counts, nothing more.  A
+relay reads a mail's envelope: the two nodes' domains, times and a size
+bucket, never the users, the subject or the body, which are sealed.  Nobody
+can alter or forge a mail, an ack or a NIS record: each is signed, and
+names are checked against keys.  The listener's TLS certificate holds its
+node key; the dialler signs an auth that names the listener TLS proved, so
+a node cannot borrow the identity of a node that dialled it.  Peers that send
 garbage, forgeries or floods lose reputation and are disconnected and
 banned (section 9).  A node trusts its own disk and clock; a clock may be
 wrong by 10 minutes, so two nodes may disagree by 20.
@@ -54,22 +54,25 @@ Reading order (sections of this file)
     Constants            every limit, with its reason
     Errors               RemoteError (their fault) and LocalError (ours), codes
     Encoding             canonical JSON, base64, frames, field checks
-    Cryptography         RSA-PSS, RSA-OAEP, AES-GCM, HKDF; the only pycryptodome use
+    Cryptography         RSA-PSS, RSA-OAEP, AES-GCM, the link certificate;
+                         the only pycryptodome use
     Names and NIS        domains, addresses, NIS records
-    Protocol objects     mail, acks, hello/auth, link keys and MACs
+    Protocol objects     mail (padded, with parts), acks, hello/auth
     Reputation           the score table, decay and bans
     Routing core         Node and its engines: the whole protocol, sans-IO
                          (no sockets, no clock, no logs), the frame table
     ---- the protocol ends here; the program that runs it begins ----
     Stores               shelve over SQLite, durable and thread-safe
-    Network shell        sockets and threads around the core
+    Network shell        sockets, TLS 1.3 (stdlib ssl) and threads around the core
     Control interface    the local port the CLI talks to
     Mail clients         SMTP submission and POP3 on 127.0.0.1
     Command line         python3 secral.py node | send | inbox | ...
     Tools                python3 secral.py demo | bench, and WirePeer
 
 Everything above the line is what a port must reproduce, byte for byte on
-the wire; everything below it is one way to run a node (a port may store,
+the wire; the TLS under it (8.1) comes from any TLS 1.3 library, the shell
+here using the stdlib's, and the core decides what the certificate means.
+Everything below the line is one way to run a node (a port may store,
 thread and present things differently, as long as it keeps the rules of
 Appendix B that make acked mail durable).
 """
@@ -100,12 +103,13 @@ import shutil
 import signal
 import socket
 import socketserver
+import ssl
 import sqlite3
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 __version__ = "1.0.0"
@@ -120,7 +124,7 @@ log = logging.getLogger("secral")
 # resource bounds head the routing core, reputation weights the reputation
 # section; spec/PROTOCOL.md section 10 ("Limits") lists them all.
 
-PROTOCOL_VERSION = 1            # the "v" of hello; a peer with another v is refused
+PROTOCOL_VERSION = 2            # the "v" of hello; a peer with another v is refused
 AGENT = f"secral.py/{__version__}"
 DEFAULT_PORT = 7700             # TCP port a node listens on unless told otherwise
 
@@ -132,6 +136,13 @@ MAX_SUBJECT = 256               # characters (code points) in a subject
 MAX_BODY = 131_072              # bytes of UTF-8 in a body (128 KiB)
 MAX_PLAINTEXT = 192_000         # bytes of sealed canonical JSON: escapes can make a
                                 # 128 KiB body longer, and every mail must fit a frame
+PAD_BUCKETS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, MAX_PLAINTEXT)
+                                # the sizes a sealed plaintext may have (6.1): a relay
+                                # or an observer learns the bucket, never the length;
+                                # each bucket at most doubles what it pads
+MAX_PARTS = 32                  # parts of a mail beside its text body (attachments ...)
+MAX_MEDIA_TYPE = 127            # characters in a part's media type (RFC 6838's limit)
+MAX_FILE_NAME = 255             # characters in a part's file name (most file systems')
 MAX_DEPTH = 16                  # nesting of arrays/objects in a frame (Secral needs 3)
 MAX_HOPS = 8                    # relay steps a mail or ack may still take
 MAX_TTL = 7 * 86_400            # a mail lives at most 7 days after it was created
@@ -155,7 +166,6 @@ AES_KEY = 32                    # AES-256
 GCM_NONCE = 12                  # bytes; the size GCM is designed for
 GCM_TAG = 16                    # bytes, appended to the ciphertext
 HELLO_NONCE = 16                # bytes of challenge in hello
-LINK_SECRET = 32                # bytes each side contributes to the link keys (8.4)
 MAIL_ID = 16                    # random bytes in a mail id (32 hex characters)
 
 # -- Names (PROTOCOL.md section 5) --
@@ -191,18 +201,18 @@ ERROR_CODES = {
     "unknown_type":      "a frame type this node does not know",
     "bad_key":           "not a canonical RSA-3072, e=65537 public key",
     "bad_domain":        "a domain is misspelt or does not derive from the key",
-    "bad_address":       "an address is not user@node-...",
+    "bad_address":       "an address is not user@node-..., or a mail is sealed from Core",
     "bad_signature":     "a signature does not verify",
     "expired":           "an object is past its expiry",
     "future":            "an object was created too far in the future",
     "bad_ttl":           "an object's lifetime is longer than allowed",
     "bad_hops":          "a hop count outside 0..8 (or 0..3 for NIS)",
     "decrypt_failed":    "the wrapped key or the ciphertext does not open",
-    "mismatch":          "sealed from/to differ from the envelope's",
+    "mismatch":          "the sealed addresses are not at the envelope's domains",
     "wrong_recipient":   "the mail is not addressed to this node",
     "no_such_user":      "the recipient user does not exist on its node",
     "not_ready":         "a frame other than hello/auth before the handshake",
-    "bad_mac":           "a line on an open link that is not a frame with a valid MAC",
+    "bad_tls":           "the bytes where a TLS 1.3 handshake belongs are not one",
     "wrong_peer":        "the peer is not the node that was dialled",
     "self_connection":   "a node connected to itself",
     "duplicate_connection": "a second connection between the same two nodes",
@@ -286,15 +296,89 @@ def b64d(text: Any, what: str, size: int | None = None) -> bytes:
     return data
 
 
-def _json_int(text: str) -> int:
-    value = int(text)
-    if abs(value) > MAX_INT:
-        raise ValueError(f"integer {text[:20]} is outside +-(2**53-1)")
+# A line is judged in one fixed order (3.2), so that every port gives the
+# same code for a line that breaks several rules: first the JSON grammar of
+# RFC 8259 (not_json), then Secral's own rules on what the JSON holds
+# (malformed).  Python's json module calls its hooks while it parses; ours
+# only note what they saw, and the notes count once the whole line parsed.
+
+_JSON_TOKEN = re.compile(r'[ \t\n\r]*(?:("(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")'
+                         r'|(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null)'
+                         r'|([\[\]{}:,]))')
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def is_json_text(text: str) -> bool:
+    """RFC 8259's grammar alone, without recursion: for a line nested too
+    deeply for the parser, which is still JSON or not (3.2)."""
+    stack, expect, pos = [], "value", 0      # expect: value, key, colon, next or end
+    while (m := _JSON_TOKEN.match(text, pos)) is not None:
+        pos = m.end()
+        string, scalar, mark = m.groups()
+        if expect in ("value", "value or ]") and (string or scalar):
+            expect = "next" if stack else "end"
+        elif expect in ("value", "value or ]") and mark in "[{":
+            stack.append(mark)
+            expect = "value or ]" if mark == "[" else "key or }"
+        elif expect in ("key", "key or }") and string:
+            expect = "colon"
+        elif expect == "colon" and mark == ":":
+            expect = "value"
+        elif expect == "next" and mark == ",":
+            expect = "value" if stack[-1] == "[" else "key"
+        elif (expect in ("next", "value or ]", "key or }") and mark in "]}"
+              and stack and "[{"["]}".index(mark)] == stack[-1]
+              and (expect == "next" or expect[-1] == mark)):
+            stack.pop()
+            expect = "next" if stack else "end"
+        else:
+            return False
+    return expect == "end" and not text[pos:].strip(" \t\n\r")
+
+
+def parse_json(data: bytes | str) -> Any:
+    """Parse strict Secral JSON (3.2): UTF-8 and RFC 8259 first (not_json),
+    then Secral's rules (malformed): integers only, within +-(2**53-1); no
+    duplicate or non-ASCII member names; no unpaired surrogate escapes; at
+    most MAX_DEPTH levels of nesting."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteError("not_json", "invalid UTF-8")
+    broken: list[str] = []                    # Secral's rules a parsed value broke
+
+    def integer(text: str) -> int:
+        if len(text.lstrip("-")) > 16 or abs(int(text)) > MAX_INT:
+            broken.append(f"integer {text[:20]} is outside +-(2**53-1)")
+            return 0
+        return int(text)
+
+    def fraction(text: str) -> int:
+        broken.append(f"number {text[:20]} is not an integer")
+        return 0
+
+    def members(pairs: list[tuple[str, Any]]) -> dict:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):          # parsers disagree on which duplicate wins
+            broken.append("duplicate member name")
+        if not all(name.isascii() for name in obj):
+            broken.append("non-ASCII member name")
+        return obj
+
+    try:
+        value = json.loads(data, parse_int=integer, parse_float=fraction,
+                           parse_constant=_json_constant, object_pairs_hook=members)
+    except RecursionError:
+        if not is_json_text(data):
+            raise RemoteError("not_json", "not JSON")
+        raise RemoteError("malformed", f"JSON nested deeper than {MAX_DEPTH} levels")
+    except (json.JSONDecodeError, _NotJson) as exc:
+        raise RemoteError("not_json", f"not JSON: {getattr(exc, 'msg', exc)}")
+    if broken:
+        raise RemoteError("malformed", broken[0])
+    check_json_value(value, _SURROGATE_ESCAPE.search(data) is not None)
     return value
-
-
-def _json_float(text: str) -> None:
-    raise ValueError(f"number {text[:20]} is not an integer")
 
 
 class _NotJson(ValueError):
@@ -305,54 +389,35 @@ def _json_constant(text: str) -> None:
     raise _NotJson(f"{text} is not JSON")      # Python accepts NaN/Infinity; JSON does not
 
 
-def _json_object(pairs: list[tuple[str, Any]]) -> dict:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        # Parsers disagree on which duplicate wins; a signature must mean one thing.
-        raise ValueError("duplicate member name")
-    for key in obj:
-        if not key.isascii():
-            raise ValueError("non-ASCII member name")
-    return obj
-
-
-def parse_json(data: bytes | str) -> Any:
-    """Parse strict Secral JSON: UTF-8, integers only, no duplicate keys,
-    at most MAX_DEPTH levels of nesting."""
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RemoteError("not_json", "invalid UTF-8")
-    try:
-        value = json.loads(data, parse_int=_json_int, parse_float=_json_float,
-                           parse_constant=_json_constant, object_pairs_hook=_json_object)
-    except RecursionError:
-        raise RemoteError("malformed", "JSON nested too deeply")
-    except json.JSONDecodeError as exc:
-        raise RemoteError("not_json", f"not JSON: {exc.msg} at offset {exc.pos}")
-    except _NotJson as exc:
-        raise RemoteError("not_json", str(exc))
-    except ValueError as exc:
-        raise RemoteError("malformed", str(exc))
+def check_json_value(value: Any, surrogates: bool) -> None:
+    """Secral's rules on a parsed value's shape (3.2): the nesting depth, and
+    (only if the text had a surrogate escape) that every string is Unicode."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, (dict, list)):
             if depth > MAX_DEPTH:
                 raise RemoteError("malformed", f"JSON nested deeper than {MAX_DEPTH} levels")
+            # (member names are ASCII, checked above: no surrogate hides in one)
             stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return value
+        elif surrogates and isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RemoteError("malformed", "a string holds an unpaired surrogate escape")
 
 
 def decode_frame(line: bytes) -> dict:
-    """One received line (newline included or not) to a frame (PROTOCOL.md 3.1).
+    """One received line to a frame (PROTOCOL.md 3.1, 3.2).  `line` is as read:
+    with its line feed, which counts toward MAX_LINE.
 
     Only the envelope is checked here: size, JSON, an object, a string "type".
     The fields of each type are checked by verify_frame.
     """
     if len(line) > MAX_LINE:
         raise RemoteError("too_large", f"line of {len(line)} bytes; the limit is {MAX_LINE}")
+    if not line.endswith(b"\n"):
+        raise RemoteError("malformed", "a line ends with a line feed")
     frame = parse_json(line)
     if not isinstance(frame, dict):
         raise RemoteError("malformed", "a frame must be a JSON object")
@@ -445,8 +510,9 @@ def check_fields(obj: Any, table: dict[str, Callable], what: str) -> dict:
 from Crypto.Cipher import AES, PKCS1_OAEP          # noqa: E402
 from Crypto.Hash import SHA256                      # noqa: E402
 from Crypto.PublicKey import RSA                    # noqa: E402
-from Crypto.Protocol.KDF import HKDF                # noqa: E402
-from Crypto.Signature import pss                    # noqa: E402
+from Crypto.Signature import pkcs1_15, pss          # noqa: E402
+from Crypto.Util.asn1 import (DerBitString, DerInteger, DerNull, DerObject,  # noqa: E402
+                              DerObjectId, DerSequence, DerSetOf)
 
 Rng = Callable[[int], bytes]
 
@@ -520,13 +586,46 @@ def open_gcm(key: bytes, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
         raise RemoteError("decrypt_failed", "the ciphertext or its associated data was altered")
 
 
-def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
-    """HKDF with SHA-256 (RFC 5869): extract with `salt`, expand with `info`."""
-    return HKDF(ikm, length, salt, SHA256, 1, info)
+# -- The link certificate (PROTOCOL.md 8.1) ---------------------------------
+# TLS needs a certificate; Secral needs only the key in it.  Every field but
+# the key is fixed, and the signature is PKCS#1 v1.5 (deterministic), so a
+# key has exactly one certificate and spec/vectors can show its bytes.
+
+SHA256_WITH_RSA = "1.2.840.113549.1.1.11"   # the certificate's signature algorithm
+COMMON_NAME = "2.5.4.3"                     # issuer and subject: CN=<domain>
+CERT_NOT_BEFORE = b"700101000000Z"          # UTCTime 1970-01-01 00:00:00
+CERT_NOT_AFTER = b"99991231235959Z"         # GeneralizedTime: "no expiry" (RFC 5280 4.1.2.5)
 
 
-def hmac_sha256(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, "sha256").digest()
+def make_certificate(identity: "Identity") -> bytes:
+    """The node's self-signed X.509 v3 certificate, DER (8.1): serial 1,
+    issuer = subject = CN=<domain>, the fixed validity above, no extensions,
+    sha256WithRSAEncryption.  Peers read only its SubjectPublicKeyInfo."""
+    algorithm = DerSequence([DerObjectId(SHA256_WITH_RSA), DerNull()]).encode()
+    name = DerSequence([DerSetOf([DerSequence([
+        DerObjectId(COMMON_NAME), DerObject(0x0C, identity.domain.encode("ascii"))])])]).encode()
+    validity = DerSequence([DerObject(0x17, CERT_NOT_BEFORE), DerObject(0x18, CERT_NOT_AFTER)]).encode()
+    tbs = DerSequence([DerInteger(2, explicit=0), DerInteger(1), algorithm, name, validity, name,
+                       identity.public_der]).encode()
+    signature = pkcs1_15.new(identity.key).sign(SHA256.new(tbs))
+    return DerSequence([tbs, algorithm, DerBitString(signature)]).encode()
+
+
+def certificate_key(der: bytes) -> str:
+    """The key in a peer's certificate, as base64 DER SubjectPublicKeyInfo:
+    the same text a NIS record's "key" holds, checked by parse_public_key.
+    Nothing else in the certificate is read (8.1)."""
+    try:
+        tbs = DerSequence().decode(DerSequence().decode(der)[0])
+        versioned = tbs[0][0] == 0xA0 if isinstance(tbs[0], bytes) else False
+        spki = tbs[6 if versioned else 5]
+    except (ValueError, IndexError, TypeError):
+        raise RemoteError("bad_key", "the TLS certificate is not X.509")
+    if not isinstance(spki, bytes):
+        raise RemoteError("bad_key", "the TLS certificate has no SubjectPublicKeyInfo")
+    text = b64e(spki)
+    parse_public_key(text)
+    return text
 
 
 class Identity:
@@ -539,6 +638,11 @@ class Identity:
         self.public_der = key.public_key().export_key(format="DER")
         self.public_b64 = b64e(self.public_der)
         self.domain = domain_of_der(self.public_der)
+
+    @functools.cached_property
+    def certificate(self) -> bytes:
+        """The TLS certificate of this key (8.1), made once."""
+        return make_certificate(self)
 
     @classmethod
     def generate(cls) -> "Identity":
@@ -629,13 +733,14 @@ def domain_of_key(text: str) -> str:
 
 
 def check_domain(value: Any, what: str = "domain") -> str:
-    if not isinstance(value, str) or not DOMAIN_RE.fullmatch(value):
+    """A domain (5.1).  Like every field, a wrong JSON type is malformed (3.4)."""
+    if not DOMAIN_RE.fullmatch(check_str(value, what)):
         raise RemoteError("bad_domain", f"{what}: {str(value)[:40]!r} is not node- and 24 base32 letters")
     return value
 
 
 def check_user(value: Any, what: str = "user") -> str:
-    if not isinstance(value, str) or not USER_RE.fullmatch(value):
+    if not USER_RE.fullmatch(check_str(value, what)):
         raise RemoteError("bad_address", f"{what}: {str(value)[:70]!r} is not 1-64 of A-Z a-z 0-9 . _ - "
                           "starting with a letter or digit")
     return value
@@ -662,7 +767,7 @@ class Address:
 
 def parse_address(value: Any, what: str = "address") -> Address:
     """Parse `user@node-...` (PROTOCOL.md 5.2).  Domains are lowercase on the wire."""
-    if not isinstance(value, str) or value.count("@") != 1:
+    if check_str(value, what).count("@") != 1:
         raise RemoteError("bad_address", f"{what}: {str(value)[:100]!r} is not user@node-...")
     user, domain = value.split("@")
     check_user(user, what)
@@ -676,18 +781,24 @@ HOSTNAME_RE = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-
 
 
 def check_host(value: Any, what: str) -> str | None:
-    """null, an IPv4 or IPv6 address, or a DNS name (RFC 1123 labels)."""
+    """A record's host (5.3): null; an IPv4 address in dotted decimal without
+    leading zeros; an IPv6 address without a zone id; or a DNS name of RFC 1123
+    labels whose last label is neither all digits nor 0x and hex digits (any
+    case), which resolvers would read as a number.  An unspecified, multicast
+    or broadcast address is refused, in IPv4-mapped IPv6 form too.  A bad
+    host is malformed."""
     if value is None:
         return None
     if isinstance(value, str) and value.isascii() and len(value) <= MAX_HOST and "%" not in value:
-        if ":" in value or value.replace(".", "").isdigit():          # (no IPv6 zone ids)
+        if ":" in value or value.replace(".", "").isdigit():
             with contextlib.suppress(ValueError):
                 ip = ipaddress.ip_address(value)
-                if not (ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255"):
+                plain = getattr(ip, "ipv4_mapped", None) or ip
+                if not (plain.is_unspecified or plain.is_multicast or str(plain) == "255.255.255.255"):
                     return value
-        elif HOSTNAME_RE.fullmatch(value) and not re.fullmatch(r"[0-9]+|0x[0-9a-f]+",
+        elif HOSTNAME_RE.fullmatch(value) and not re.fullmatch(r"[0-9]+|0x[0-9a-f]*",
                                                                  value.rsplit(".", 1)[-1].lower()):
-            return value                        # (a name ending in digits is an address in disguise)
+            return value
     raise RemoteError("malformed", f"{what}: not a host name or IP address")
 
 
@@ -749,12 +860,13 @@ def verify_nis_answer(frame: dict, domain: str, now: int) -> dict:
 # raises RemoteError; it never needs a private key.
 
 MAIL_FIELDS = {
-    "kind": check_str, "id": check_hex_id, "from": check_str, "to": check_str, "from_key": check_str,
+    "kind": check_str, "id": check_hex_id, "from": check_domain, "to": check_domain, "from_key": check_str,
     "created": check_time, "expires": check_time, "key": check_str, "nonce": check_str, "ct": check_str,
     "sig": check_str,
 }
 ENVELOPE_FIELDS = ("created", "expires", "from", "id", "to")    # the AAD of the ciphertext
-PLAIN_FIELDS = {"from": check_str, "to": check_str, "subject": check_str, "body": check_str}
+PLAIN_FIELDS = {"from": check_str, "to": check_str, "subject": check_str, "body": check_str,
+                "pad": check_str}
 ACK_FIELDS = {
     "kind": check_str, "id": check_hex_id, "from": check_str, "to": check_str, "from_key": check_str,
     "created": check_time, "status": check_str, "reason": check_short_text(MAX_REASON), "sig": check_str,
@@ -762,7 +874,7 @@ ACK_FIELDS = {
 ACK_STATUSES = ("delivered", "rejected")
 
 # Reasons a recipient gives in a rejected ack (PROTOCOL.md 7.4).
-REJECT_REASONS = ("no_such_user", "decrypt_failed", "mismatch", "malformed", "too_large")
+REJECT_REASONS = ("no_such_user", "decrypt_failed", "mismatch", "malformed", "too_large", "bad_address")
 
 # Characters a one-line text (a subject, an ack's reason, a display name) may
 # not hold (6.1): the control characters of Unicode category Cc (C0, DEL, C1)
@@ -796,16 +908,60 @@ def check_body(body: Any, what: str = "body") -> str:
     return body
 
 
-def make_plaintext(sender: Address, recipient: Address, subject: str, body: str) -> bytes:
-    """What is sealed (6.1): canonical {"from","to","subject","body"}, within limits."""
+MEDIA_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*")
+
+
+def check_media_type(value: Any, what: str) -> str:
+    """type/subtype, lowercase, no parameters (6.1; RFC 6838's characters)."""
+    if not isinstance(value, str) or len(value) > MAX_MEDIA_TYPE or not MEDIA_TYPE_RE.fullmatch(value):
+        raise RemoteError("malformed", f"{what}: {str(value)[:40]!r} is not a lowercase type/subtype")
+    return value
+
+
+def check_file_name(value: Any, what: str) -> str:
+    """A name to save a part under: one line, no directories (6.1)."""
+    check_subject(value, what)
+    if len(value) > MAX_FILE_NAME or value in ("", ".", "..") or "/" in value or "\\" in value:
+        raise RemoteError("malformed", f"{what}: not a file name (1..{MAX_FILE_NAME} characters, no / or \\)")
+    return value
+
+
+PART_FIELDS = {"type": check_media_type, "data": check_str}
+
+
+def check_parts(parts: Any, what: str = "parts") -> list[dict]:
+    """A mail's parts beside its text body (6.1): each a media type, the bytes
+    in base64 and, if it is to be saved, a file name."""
+    check_list(parts, what)
+    if len(parts) > MAX_PARTS:
+        raise RemoteError("too_large", f"{what}: {len(parts)} parts; the limit is {MAX_PARTS}")
+    for n, part in enumerate(parts):
+        check_fields(part, PART_FIELDS, f"{what}[{n}]")
+        b64d(part["data"], f"{what}[{n}].data")
+        if "name" in part:
+            check_file_name(part["name"], f"{what}[{n}].name")
+    return [{name: part[name] for name in ("type", "name", "data") if name in part} for part in parts]
+
+
+def make_plaintext(sender: Address, recipient: Address, subject: str, body: str,
+                   parts: Sequence[dict] = (), in_reply_to: str | None = None) -> bytes:
+    """What is sealed (6.1): canonical JSON of the addresses, subject, body,
+    parts and in_reply_to (the last two only when there are any), padded with
+    "0"s to the smallest of PAD_BUCKETS that holds it."""
     check_subject(subject)
     check_body(body)
-    plaintext = canonical_json({"from": str(sender), "to": str(recipient),
-                                "subject": subject, "body": body})
-    if len(plaintext) > MAX_PLAINTEXT:
-        raise RemoteError("too_large", f"the mail is {len(plaintext)} bytes once encoded "
-                          f"(control characters and quotes take more room); the limit is {MAX_PLAINTEXT}")
-    return plaintext
+    plain = {"from": str(sender), "to": str(recipient), "subject": subject, "body": body, "pad": ""}
+    if parts:
+        plain["parts"] = check_parts(list(parts))
+    if in_reply_to is not None:
+        plain["in_reply_to"] = check_hex_id(in_reply_to, "in_reply_to")
+    size = len(canonical_json(plain))
+    if size > MAX_PLAINTEXT:
+        raise RemoteError("too_large", f"the mail is {size} bytes once encoded (attachments grow by a "
+                          f"third in base64, quotes and control characters take more room); "
+                          f"the limit is {MAX_PLAINTEXT}")
+    plain["pad"] = "0" * (min(b for b in PAD_BUCKETS if b >= size) - size)
+    return canonical_json(plain)
 
 
 def envelope_of(mail: dict) -> bytes:
@@ -815,8 +971,10 @@ def envelope_of(mail: dict) -> bytes:
 
 def seal_mail(identity: Identity, sender: Address, recipient: Address, recipient_key: str,
               subject: str, body: str, now: int, ttl: int = MAX_TTL,
-              rng: Rng = os.urandom) -> dict:
-    """Encrypt and sign a mail (PROTOCOL.md 6.1).
+              rng: Rng = os.urandom, parts: Sequence[dict] = (),
+              in_reply_to: str | None = None) -> dict:
+    """Encrypt and sign a mail (PROTOCOL.md 6.1).  The envelope names the two
+    nodes only; the users are inside the sealed plaintext.
 
     Randomness is drawn in this order: mail id (16 bytes), AES key (32),
     GCM nonce (12), OAEP seed (32), PSS salt (32).
@@ -825,13 +983,13 @@ def seal_mail(identity: Identity, sender: Address, recipient: Address, recipient
         raise LocalError("bad_address", f"{sender} is not an address of this node")
     if not 0 < ttl <= MAX_TTL:
         raise LocalError("bad_ttl", f"time to live must be 1..{MAX_TTL} seconds")
-    plaintext = make_plaintext(sender, recipient, subject, body)
+    plaintext = make_plaintext(sender, recipient, subject, body, parts, in_reply_to)
     key = parse_public_key(recipient_key)
     if domain_of_key(recipient_key) != recipient.domain:
         raise LocalError("bad_domain", f"the key given for {recipient} is not {recipient.domain}'s")
     mail_id = rng(MAIL_ID).hex()
     aes_key, nonce = rng(AES_KEY), rng(GCM_NONCE)
-    mail = {"kind": "mail", "id": mail_id, "from": str(sender), "to": str(recipient),
+    mail = {"kind": "mail", "id": mail_id, "from": sender.domain, "to": recipient.domain,
             "from_key": identity.public_b64, "created": now, "expires": now + ttl}
     mail["ct"] = b64e(seal_gcm(aes_key, nonce, plaintext, envelope_of(mail)))
     mail["nonce"] = b64e(nonce)
@@ -844,13 +1002,10 @@ def verify_mail(mail: Any, now: int, what: str = "mail") -> dict:
     check_fields(mail, MAIL_FIELDS, what)
     if mail["kind"] != "mail":
         raise RemoteError("malformed", f'{what}.kind: expected "mail"')
-    sender = parse_address(mail["from"], f"{what}.from")
-    parse_address(mail["to"], f"{what}.to")
-    if sender.is_core:
-        raise RemoteError("bad_address", f"{what}: {CORE_USER} sends acks, never mail")
+    sender = mail["from"]
     key = parse_public_key(mail["from_key"])
-    if domain_of_key(mail["from_key"]) != sender.domain:
-        raise RemoteError("bad_domain", f"{what}: from_key is not the key of {sender.domain}")
+    if domain_of_key(mail["from_key"]) != sender:
+        raise RemoteError("bad_domain", f"{what}: from_key is not the key of {sender}")
     check_lifetime(mail["created"], mail["expires"], now, what)
     b64d(mail["key"], f"{what}.key", RSA_BYTES)
     b64d(mail["nonce"], f"{what}.nonce", GCM_NONCE)
@@ -859,6 +1014,9 @@ def verify_mail(mail: Any, now: int, what: str = "mail") -> dict:
         raise RemoteError("malformed", f"{what}.ct: shorter than the GCM tag")
     if sealed_size > MAX_PLAINTEXT + GCM_TAG:
         raise RemoteError("too_large", f"{what}.ct: more than {MAX_PLAINTEXT} bytes of plaintext")
+    if sealed_size - GCM_TAG not in PAD_BUCKETS:
+        raise RemoteError("malformed", f"{what}.ct: {sealed_size - GCM_TAG} bytes of plaintext is not "
+                          "a padded size (6.1)")
     verify_signed(mail, key, what)
     return mail
 
@@ -877,23 +1035,35 @@ def check_lifetime(created: int, expires: int, now: int, what: str) -> int:
 def open_mail(identity: Identity, mail: dict) -> dict:
     """Decrypt a verified mail addressed to this node (PROTOCOL.md 6.3).
 
-    Returns the plaintext {"from", "to", "subject", "body"}.  The caller has
-    already run verify_mail; this adds the checks only the recipient can make.
+    Returns {"from", "to", "subject", "body", "parts", "in_reply_to"} (parts
+    [] and in_reply_to None when the mail has none).  The caller has already
+    run verify_mail; this adds the checks only the recipient can make.
     """
-    if parse_address(mail["to"]).domain != identity.domain:
+    if mail["to"] != identity.domain:
         raise RemoteError("wrong_recipient", f"mail to {mail['to']} is not for {identity.domain}")
     aes_key = unwrap_key(identity.key, b64d(mail["key"], "mail.key", RSA_BYTES))
     plaintext = open_gcm(aes_key, b64d(mail["nonce"], "mail.nonce", GCM_NONCE),
                          b64d(mail["ct"], "mail.ct"), envelope_of(mail))
     try:
         plain = check_fields(parse_json(plaintext), PLAIN_FIELDS, "plaintext")
+        sender = parse_address(plain["from"], "plaintext.from")
+        recipient = parse_address(plain["to"], "plaintext.to")
     except RemoteError as exc:
         raise RemoteError("malformed", f"the sealed content is not a Secral plaintext: {exc.message}")
-    if plain["from"] != mail["from"] or plain["to"] != mail["to"]:
-        raise RemoteError("mismatch", "the sealed from/to differ from the envelope's")
+    if sender.domain != mail["from"] or recipient.domain != mail["to"]:
+        raise RemoteError("mismatch", "the sealed addresses are not at the envelope's domains")
+    if sender.is_core:
+        raise RemoteError("bad_address", f"{CORE_USER} sends acks, never mail")
+    if plain["pad"].strip("0"):
+        raise RemoteError("malformed", 'plaintext.pad: only "0" characters')
     check_subject(plain["subject"], "plaintext.subject")
     check_body(plain["body"], "plaintext.body")
-    return {name: plain[name] for name in PLAIN_FIELDS}
+    parts = check_parts(plain["parts"], "plaintext.parts") if "parts" in plain else []
+    in_reply_to = plain.get("in_reply_to")
+    if in_reply_to is not None:
+        check_hex_id(in_reply_to, "plaintext.in_reply_to")
+    return {"from": plain["from"], "to": plain["to"], "subject": plain["subject"],
+            "body": plain["body"], "parts": parts, "in_reply_to": in_reply_to}
 
 
 def make_ack(identity: Identity, mail: dict, status: str, reason: str, now: int,
@@ -903,7 +1073,7 @@ def make_ack(identity: Identity, mail: dict, status: str, reason: str, now: int,
     return identity.sign({
         "kind": "ack", "id": mail["id"],
         "from": f"{CORE_USER}@{identity.domain}",
-        "to": f"{CORE_USER}@{parse_address(mail['from']).domain}",
+        "to": f"{CORE_USER}@{mail['from']}",
         "from_key": identity.public_b64, "created": now, "status": status, "reason": reason,
     }, rng)
 
@@ -944,66 +1114,25 @@ def make_hello(record: dict, nonce: bytes) -> dict:
             "nonce": b64e(nonce), "agent": AGENT}
 
 
-def auth_statement(nonce: str, signer: str, peer: str, secret: str) -> dict:
-    """What auth signs (PROTOCOL.md 8.1): the other side's challenge, both
-    names, and the link secret wrapped for the other side -- so an auth is
-    good for one connection, between two nodes, with one set of link keys."""
-    return {"kind": "auth", "nonce": nonce, "domain": signer, "peer": peer, "secret": secret}
+def auth_statement(nonce: str, signer: str, peer: str) -> dict:
+    """What the dialler's auth signs (PROTOCOL.md 8.1): the listener's hello
+    nonce, the dialler's domain and the listener's domain as TLS proved it.
+    The last names the one node this auth is good for, so a node that is
+    dialled cannot replay its dialler's auth to a third node (11.2)."""
+    return {"kind": "auth", "nonce": nonce, "domain": signer, "peer": peer}
 
 
-def make_auth(identity: Identity, peer_record: dict, peer_nonce: str, link_secret: bytes,
-              rng: Rng = os.urandom) -> dict:
-    """Our auth frame.  Randomness: OAEP seed (32 bytes), then PSS salt (32)."""
-    secret = b64e(wrap_key(parse_public_key(peer_record["key"]), link_secret, rng))
-    signed = identity.sign(auth_statement(peer_nonce, identity.domain, peer_record["domain"], secret), rng)
-    return {"type": "auth", "secret": secret, "sig": signed["sig"]}
+def make_auth(identity: Identity, peer_nonce: str, peer_domain: str, rng: Rng = os.urandom) -> dict:
+    """The dialler's auth frame.  Randomness: the PSS salt (32 bytes)."""
+    signed = identity.sign(auth_statement(peer_nonce, identity.domain, peer_domain), rng)
+    return {"type": "auth", "sig": signed["sig"]}
 
 
 def verify_auth(frame: dict, record: dict, own_nonce: str, own_domain: str) -> dict:
-    """Check the peer signed our challenge and its link secret with the key of
-    the record it presented.  Returns the frame."""
-    b64d(frame["secret"], "auth.secret", RSA_BYTES)
-    statement = {**auth_statement(own_nonce, record["domain"], own_domain, frame["secret"]),
-                 "sig": frame["sig"]}
+    """Check the dialler signed our challenge, naming us, with the key of the
+    record it presented.  Returns the frame."""
+    statement = {**auth_statement(own_nonce, record["domain"], own_domain), "sig": frame["sig"]}
     verify_signed(statement, parse_public_key(record["key"]), "auth")
-    return frame
-
-
-def open_auth(identity: Identity, frame: dict) -> bytes:
-    """The peer's link secret, unwrapped with our key (after verify_auth)."""
-    return unwrap_key(identity.key, b64d(frame["secret"], "auth.secret", RSA_BYTES))
-
-
-def link_keys(dialler_secret: bytes, listener_secret: bytes, dialler_nonce: str,
-              listener_nonce: str) -> tuple[bytes, bytes]:
-    """The two MAC keys of a link (8.4): dialler-to-listener, listener-to-dialler."""
-    ikm = dialler_secret + listener_secret
-    salt = b64d(dialler_nonce, "nonce", HELLO_NONCE) + b64d(listener_nonce, "nonce", HELLO_NONCE)
-    return (hkdf_sha256(ikm, salt, b"secral/1 dialler to listener"),
-            hkdf_sha256(ikm, salt, b"secral/1 listener to dialler"))
-
-
-def frame_mac(key: bytes, seq: int, frame: dict) -> str:
-    """HMAC-SHA256 over the 8-byte sequence number and the canonical frame
-    without "mac" (8.4)."""
-    unsigned = {k: v for k, v in frame.items() if k != "mac"}
-    return b64e(hmac_sha256(key, seq.to_bytes(8, "big") + canonical_json(unsigned)))
-
-
-def add_mac(key: bytes, seq: int, frame: dict) -> dict:
-    return {**frame, "mac": frame_mac(key, seq, frame)}
-
-
-def check_mac(key: bytes, seq: int, frame: dict) -> dict:
-    """The frame, if it carries the MAC for this key and sequence number; else bad_mac."""
-    mac = frame.get("mac")
-    try:
-        good = (isinstance(mac, str) and mac.isascii()         # compare_digest wants ASCII
-                and hmac.compare_digest(mac, frame_mac(key, seq, frame)))
-    except RemoteError:                         # not even encodable
-        good = False
-    if not good:
-        raise RemoteError("bad_mac", f"frame {seq} on this link has no valid MAC")
     return frame
 
 
@@ -1029,6 +1158,14 @@ def mail_key(sender_domain: str, mail_id: str) -> str:
 def ack_key(sender_domain: str, mail_id: str, recipient_domain: str) -> str:
     """An ack is one recipient's answer to one mail (7.1)."""
     return f"ack/{sender_domain}/{mail_id}/{recipient_domain}"
+
+
+def object_domains(obj: dict) -> tuple[str, str]:
+    """(origin, target) of a verified mail or ack: a mail's envelope names
+    the two domains (6.1), an ack the two nodes' Core (7.3)."""
+    if obj["kind"] == "mail":
+        return obj["from"], obj["to"]
+    return parse_address(obj["from"]).domain, parse_address(obj["to"]).domain
 
 
 # =============================================================================
@@ -1057,7 +1194,8 @@ REPUTATION_EVENTS: dict[str, tuple[int, bool]] = {
     "bad_ttl":           (-10,   False),
     "bad_hops":          (-10,   False),
     "not_ready":         (-50,   True),       # a frame before the handshake
-    "bad_mac":           (-20,   True),       # scored to the address: it may not be the peer's
+    "bad_tls":           (-20,   True),       # not TLS 1.3: scored to the address, since
+                                              # no domain was proven (8.1)
     "rate_exceeded":     (-2,    False),      # the frame is dropped, too
     "duplicate":         (-5,    False),      # the same object twice on one connection
     "timeout":           (0,     True),       # slow links exist: closed, not blamed
@@ -1177,7 +1315,7 @@ class Reputation:
 # in a node.
 #
 # Node is a thin facade over five engines, one per part of the specification:
-#   Links     connections: handshake, link MACs, rate limit, timeouts (8, 9.3)
+#   Links     connections: handshake inside TLS, rate limit, timeouts (8, 9.3)
 #   Delivery  mail and acks: routing, the relay store, the seen set, retries (7)
 #   Outbox    own mail: submission, sealing, status, withdrawal (7.5)
 #   Names     the NIS map, our own record, lookups (5.3, 5.4)
@@ -1202,14 +1340,14 @@ OUTBOX_FINAL = ("delivered", "rejected", "expired", "cancelled")   # where a wai
 CONNECTION_TRANSITIONS: dict[str, tuple[str, ...]] = {
     # state      may become (anything else is a bug, refused by Links.enter)
     "hello":    ("auth", "closed"),             # waiting for the peer's hello
-    "auth":     ("confirm", "open", "closed"),  # hello checked; waiting for the peer's auth
-    "confirm":  ("open", "closed"),             # listener: auth sent; waits for a MAC'd frame
+    "auth":     ("open", "closed"),             # hello checked: the listener waits for auth,
+                                                # the dialler sends its own and opens (8.1)
     "open":     ("closed",),
     "closed":   (),
 }
 
 # -- Timing and resource bounds (PROTOCOL.md sections 8 and 9) --
-HANDSHAKE_TIMEOUT = 10          # seconds from connect to both auths verified
+HANDSHAKE_TIMEOUT = 10          # seconds from TCP connect to the link open (TLS included)
 DIAL_TIMEOUT = 5                # seconds to establish a TCP connection
 PING_INTERVAL = 60              # a quiet open connection is pinged ...
 IDLE_TIMEOUT = 180              # ... and closed when silent this long
@@ -1371,15 +1509,11 @@ class Peer:
         self.nonce = nonce              # our challenge, base64
         self.their_nonce = ""           # theirs, from their hello
         self.refusal = ""               # the code of an error frame they sent before closing
-        self.secret = b""               # our link secret (8.4) ...
-        self.tx_key: bytes | None = None   # ... and the MAC keys it leads to
-        self.rx_key: bytes | None = None
-        self.tx_seq = 0
-        self.rx_seq = 0
+        self.proven: str | None = None  # the listener's domain, from its TLS certificate (8.1)
         self.state = "hello"
         self.record: dict | None = None
         self.domain: str | None = None          # claimed by hello ...
-        self.verified = False                   # ... and proven by auth
+        self.verified = False                   # ... and proven by TLS or by auth
         self.address_subject = ip_subject(ip)   # its address, or IPv6 /64 (9.1) ...
         self.address_range = address_range(ip)  # ... and its /24 or /48 (9.3)
         self.opened = now
@@ -1391,7 +1525,7 @@ class Peer:
 
     @property
     def subject(self) -> str:
-        """Who is scored: the domain once proven by auth, the IP address before
+        """Who is scored: the domain once proven (8.1), the IP address before
         (a hello alone proves nothing: an impostor must not cost its victim)."""
         return domain_subject(self.domain) if self.verified else ip_subject(self.ip)
 
@@ -1431,7 +1565,7 @@ class Item:
     def relayed(cls, key: str, kind: str, obj: dict, hops: int, expires: int, now: float,
                 own: bool = False, source: str | None = None, next_try: float | None = None) -> "Item":
         """A held relay-store object: a mail goes from origin to target, an ack back."""
-        origin, target = parse_address(obj["from"]).domain, parse_address(obj["to"]).domain
+        origin, target = object_domains(obj)
         return cls(key=key, kind=kind, mail_id=obj["id"], store="relay", ref=key, target=target,
                    origin=origin, expires=expires, size=len(canonical_json(obj)), hops=hops, own=own,
                    next_try=now if next_try is None else next_try, source=source)
@@ -1439,7 +1573,7 @@ class Item:
     @classmethod
     def outbox(cls, mail: dict, expires: int, now: float) -> "Item":
         """An own mail, sealed, from the outbox."""
-        sender, target = parse_address(mail["from"]).domain, parse_address(mail["to"]).domain
+        sender, target = object_domains(mail)
         return cls(key=mail_key(sender, mail["id"]), kind="mail", mail_id=mail["id"], store="outbox",
                    ref=mail["id"], target=target, origin=sender, expires=expires,
                    size=len(canonical_json(mail)), hops=MAX_HOPS, own=True, next_try=now)
@@ -1556,8 +1690,8 @@ class InboundSlots:
 
 
 class Links:
-    """Connections (PROTOCOL.md 8 and 9.3): admission, the handshake, link
-    MACs, the rate limit, keepalive and timeouts, scoring and bans.  Frames
+    """Connections (PROTOCOL.md 8 and 9.3): admission, the handshake inside
+    TLS, the rate limit, keepalive and timeouts, scoring and bans.  Frames
     that pass are handed to the engine named in FRAME_TYPES."""
 
     def __init__(self, node: "Node"):
@@ -1569,10 +1703,6 @@ class Links:
     # -- sending and closing ------------------------------------------------------
 
     def send(self, peer: Peer, frame: dict) -> None:
-        """Queue a frame; once the link has keys, with its MAC (8.4)."""
-        if peer.tx_key is not None:
-            frame = add_mac(peer.tx_key, peer.tx_seq, frame)
-            peer.tx_seq += 1
         self.node.act(Send(peer.conn, frame))
 
     def close(self, peer: Peer, code: str, message: str, now: float) -> None:
@@ -1597,8 +1727,11 @@ class Links:
 
     # -- connections coming and going ------------------------------------------
 
-    def connection_made(self, conn: int, ip: str, now: float, dialled: Dial | None) -> None:
-        """A TCP connection is up (8.1): send hello, or refuse a banned or excess peer."""
+    def connection_made(self, conn: int, ip: str, now: float, dialled: Dial | None,
+                        certificate: bytes | None = None) -> None:
+        """A TLS connection is up (8.1): send hello, or refuse a banned or excess
+        peer, or a listener whose certificate is not the node we dialled.
+        `certificate` is the listener's, DER, when we dialled."""
         nonce = self.node.rng(HELLO_NONCE)
         peer = Peer(conn, ip, dialled, b64e(nonce), TokenBucket(self.node.config.rate,
                                                                 self.node.config.burst, now), now)
@@ -1610,7 +1743,23 @@ class Links:
             return
         if dialled is None and not self.admit(peer, now):
             return
+        if dialled is not None and not self.check_certificate(peer, certificate, now):
+            return
         self.send(peer, make_hello(self.node.names.record, nonce))
+
+    def check_certificate(self, peer: Peer, certificate: bytes | None, now: float) -> bool:
+        """The listener's domain is what its certificate's key derives (8.1);
+        TLS proved it holds that key.  A listener that is not the node we
+        dialled is closed (wrong_peer)."""
+        try:
+            peer.proven = domain_of_key(certificate_key(certificate or b""))
+        except RemoteError as exc:
+            self.misbehaved(peer, exc.code, exc.message, now, disconnect=True)
+            return False
+        if peer.expect is not None and peer.proven != peer.expect:
+            self.close(peer, "wrong_peer", f"dialled {peer.expect}, found {peer.proven}", now)
+            return False
+        return True
 
     def admit(self, newcomer: Peer, now: float) -> bool:
         """Give an inbound newcomer a slot, evicting if all are taken (9.3)."""
@@ -1645,48 +1794,20 @@ class Links:
     # -- lines in (8.2) -----------------------------------------------------------
 
     def line_received(self, conn: int, line: bytes, now: float, arrived: float) -> None:
-        """One line: activity, the rate limit, then unwrap and dispatch (8.2)."""
+        """One line: activity, the rate limit, then decode and dispatch (8.2)."""
         peer = self.peers.get(conn)
         if peer is None or peer.state == "closed":
             return
         peer.last_rx = now
         if not peer.bucket.take(arrived):
-            if peer.rx_key is not None:
-                peer.rx_seq += 1                # dropped unread, but it used its number (8.4)
             self.misbehaved(peer, "rate_exceeded", "frames faster than the rate limit", now,
                             disconnect=peer.state != "open")
             return
         try:
-            frame = self.unwrap(peer, line, now)
-            if frame is not None:
-                self.dispatch(peer, frame, now)
+            self.dispatch(peer, verify_frame(decode_frame(line)), now)
         except RemoteError as exc:
             # Before the handshake there is nothing to talk about: any error ends it.
             self.misbehaved(peer, exc.code, exc.message, now, disconnect=peer.state != "open")
-
-    def unwrap(self, peer: Peer, line: bytes, now: float) -> dict | None:
-        """Decode a line, check its MAC on a link with keys (8.4) and its type and
-        fields (8.2).  None: the line was dealt with here (a MAC failure, the
-        dialler's goodbye, or a confirming frame that closed a duplicate)."""
-        if peer.rx_key is None:
-            return verify_frame(decode_frame(line))
-        try:                                    # on a link with keys only MAC'd frames count
-            frame = decode_frame(line)
-            if peer.state == "confirm" and frame.get("type") == "error" and "mac" not in frame:
-                # A dialler that gives up before it has the keys cannot MAC its goodbye.
-                self.handle_error(peer, verify_frame(frame), now)
-                return None
-            check_mac(peer.rx_key, peer.rx_seq, frame)
-        except RemoteError as exc:
-            self.misbehaved(peer, "bad_mac", exc.message, now, code="bad_mac", subject=ip_subject(peer.ip))
-            return None
-        peer.rx_seq += 1
-        frame = verify_frame(frame)
-        if peer.state == "confirm" and frame["type"] not in ("hello", "auth", "error"):
-            self.open_link(peer, now)           # the dialler's first MAC'd frame (8.1)
-            if peer.state != "open":
-                return None
-        return frame
 
     def dispatch(self, peer: Peer, frame: dict, now: float) -> None:
         """Hand a checked frame to its handler, if this state accepts it (8.2)."""
@@ -1766,8 +1887,9 @@ class Links:
         if domain == self.node.domain:
             self.close(peer, "self_connection", "this is my own address", now)
             return
-        if peer.expect is not None and domain != peer.expect:
-            self.close(peer, "wrong_peer", f"dialled {peer.expect}, found {domain}", now)
+        if peer.outbound and domain != peer.proven:
+            self.close(peer, "wrong_peer", f"the record is {domain}'s; the TLS certificate "
+                       f"is {peer.proven}'s", now)
             return
         if (self.node.reputation.banned(domain_subject(domain), int(now))
                 or self.node.reputation.banned(ip_subject(peer.ip), int(now))):
@@ -1777,32 +1899,18 @@ class Links:
         self.enter(peer, "auth")
         peer.their_nonce = frame["nonce"]
         if peer.outbound:
-            # The dialler proves itself first; the listener signs only for a peer
-            # that has (8.1), so a replayed public record costs us no signature.
-            peer.secret = self.node.rng(LINK_SECRET)
-            self.send(peer, make_auth(self.node.identity, record, peer.their_nonce, peer.secret,
-                                      self.node.rng))
+            # TLS proved the listener; we prove ourselves, naming it, and talk.
+            peer.verified = True
+            self.send(peer, make_auth(self.node.identity, peer.their_nonce, domain, self.node.rng))
+            self.open_link(peer, now)
 
     def handle_auth(self, peer: Peer, frame: dict, now: float) -> None:
-        """The peer's auth (8.1).  The dialler opens the link on the listener's
-        auth.  The listener answers with its own and waits in "confirm" for the
-        dialler's first MAC'd frame: proof that whoever is at the other end
-        holds the link keys, and is not relaying someone else's auth."""
+        """The dialler's auth (8.1): its signature over our challenge and our
+        name opens the link.  (A dialler never receives auth: it is open by
+        then, and auth is refused in the open state.)"""
         verify_auth(frame, peer.record, peer.nonce, self.node.domain)
-        their_secret = open_auth(self.node.identity, frame)
         peer.verified = True
-        if peer.outbound:
-            keys = link_keys(peer.secret, their_secret, peer.nonce, peer.their_nonce)
-        else:
-            peer.secret = self.node.rng(LINK_SECRET)
-            self.send(peer, make_auth(self.node.identity, peer.record, peer.their_nonce, peer.secret,
-                                      self.node.rng))
-            keys = link_keys(their_secret, peer.secret, peer.their_nonce, peer.nonce)[::-1]
-        peer.tx_key, peer.rx_key = keys         # every frame from here on carries a MAC (8.4)
-        if peer.outbound:
-            self.open_link(peer, now)
-        else:
-            self.enter(peer, "confirm")
+        self.open_link(peer, now)
 
     def open_link(self, peer: Peer, now: float) -> None:
         """The link is proven: resolve a duplicate, then start talking (8.1)."""
@@ -1917,7 +2025,7 @@ class Delivery:
         for key, entry in self.stores.relay.items():
             obj = entry["obj"]
             self.add(Item.relayed(key, entry["kind"], obj, entry["hops"], entry["expires"], now,
-                                  own=parse_address(obj["from"]).domain == self.node.domain))
+                                  own=object_domains(obj)[0] == self.node.domain))
 
     def held_object(self, item: Item) -> dict | None:
         entry = getattr(self.stores, item.store).get(item.ref)
@@ -1934,8 +2042,7 @@ class Delivery:
 
     def handle_mail(self, peer: Peer, frame: dict, now: float) -> None:
         mail = verify_mail(frame["mail"], int(now), "mail.mail")
-        sender = parse_address(mail["from"]).domain
-        recipient = parse_address(mail["to"]).domain
+        sender, recipient = object_domains(mail)
         key = mail_key(sender, mail["id"])
         if self.repeated(peer, key, now):
             return
@@ -2087,7 +2194,7 @@ class Delivery:
     def deliver_local(self, mail: dict, key: str, peer: Peer | None, now: float) -> dict:
         """Store first, ack after (7.4): an ack means nothing can lose it now.
         A duplicate is answered with the ack we made the first time."""
-        sender = parse_address(mail["from"]).domain
+        sender = mail["from"]
         answered = self.items.get(ack_key(sender, mail["id"], self.node.domain))
         if answered is not None:
             if peer is not None:
@@ -2106,7 +2213,7 @@ class Delivery:
         status, reason, plain = "delivered", "", None
         try:
             plain = open_mail(self.node.identity, mail)
-            user = parse_address(mail["to"])
+            user = parse_address(plain["to"])
             if user.is_core or user.user.lower() not in self.stores.users:
                 status, reason = "rejected", "no_such_user"
         except RemoteError as exc:
@@ -2114,7 +2221,7 @@ class Delivery:
         ack = make_ack(self.node.identity, mail, status, reason, int(now), self.node.rng)
         entry = {"ack": ack}
         if status == "delivered":
-            user = parse_address(mail["to"]).user.lower()
+            user = parse_address(plain["to"]).user.lower()
             entry.update(user=user, id=mail["id"], created=mail["created"],
                          received=int(now), unread=True, **plain)
             self.stores.inbox[key] = entry
@@ -2293,7 +2400,8 @@ class Outbox:
             self.delivery.forget(item)
         return True
 
-    def submit(self, user: str, to: str, subject: str, body: str, now: float, ttl: int) -> str:
+    def submit(self, user: str, to: str, subject: str, body: str, now: float, ttl: int,
+               parts: Sequence[dict] = (), in_reply_to: str | None = None) -> str:
         """Queue a mail from a local user (7.5).  Returns its id.
 
         If the recipient's record (and so its key) is unknown, the mail waits
@@ -2312,14 +2420,15 @@ class Outbox:
         sender = Address(self.stores.users[sender.user.lower()]["name"], self.node.domain)
         try:
             recipient = parse_address(to, "to")
-            make_plaintext(sender, recipient, subject, body)    # the limits, before queuing
+            make_plaintext(sender, recipient, subject, body, parts, in_reply_to)   # the limits, now
         except RemoteError as exc:
             raise local_error(exc)
         if not 0 < ttl <= MAX_TTL:
             raise LocalError("bad_ttl", f"the time to live must be 1..{MAX_TTL} seconds")
         mail_id = self.node.rng(MAIL_ID).hex()
         entry = {"id": mail_id, "from": str(sender), "to": str(recipient), "subject": subject,
-                 "body": body, "created": int(now), "expires": int(now) + ttl,
+                 "body": body, "parts": list(parts), "in_reply_to": in_reply_to,
+                 "created": int(now), "expires": int(now) + ttl,
                  "status": "queued", "reason": "", "mail": None, "submitted_ms": int(now * 1000),
                  "lookups": 0, "last_lookup": None}
         self.stores.outbox[mail_id] = entry
@@ -2345,7 +2454,8 @@ class Outbox:
         ttl = entry["expires"] - entry["created"]
         mail = seal_mail(self.node.identity, parse_address(entry["from"]), recipient, record["key"],
                          entry["subject"], entry["body"], entry["created"], ttl,
-                         _prefixed_rng(bytes.fromhex(mail_id), self.node.rng))
+                         _prefixed_rng(bytes.fromhex(mail_id), self.node.rng),
+                         entry.get("parts", ()), entry.get("in_reply_to"))
         entry["mail"] = mail
         self.stores.outbox[mail_id] = entry
         self.hand_over(mail_id, entry, now)
@@ -2799,8 +2909,7 @@ class PeerSet:
 # -- The frame table (PROTOCOL.md 8.2) ------------------------------------------
 # Each frame type: the fields it must carry (checked by verify_frame), the
 # connection states that accept it (anything else is not_ready), and the
-# engine method that handles it.  In state "confirm" a frame of an open-state
-# type first opens the link (Links.unwrap), then is handled as in "open".
+# engine method that handles it.
 
 @dataclasses.dataclass(frozen=True)
 class FrameType:
@@ -2815,7 +2924,7 @@ FRAME_TYPES: dict[str, FrameType] = {
     "hello":      FrameType({"v": check_int, "record": check_dict, "nonce": check_str,
                              "agent": check_short_text(MAX_AGENT)},
                             ("hello",), Links, Links.handle_hello),
-    "auth":       FrameType({"secret": check_str, "sig": check_str},
+    "auth":       FrameType({"sig": check_str},
                             ("auth",), Links, Links.handle_auth),
     "mail":       FrameType({"hops": check_hops(MAX_HOPS), "mail": check_dict},
                             OPEN, Delivery, Delivery.handle_mail),
@@ -2831,7 +2940,7 @@ FRAME_TYPES: dict[str, FrameType] = {
     "pong":       FrameType({}, OPEN, Links, Links.handle_pong),
     "error":      FrameType({"code": check_short_text(MAX_ERROR_CODE),
                              "message": check_short_text(MAX_ERROR_MESSAGE)},
-                            ("hello", "auth", "confirm", "open"), Links, Links.handle_error),
+                            ("hello", "auth", "open"), Links, Links.handle_error),
 }
 
 
@@ -2849,11 +2958,15 @@ class Node:
 
     Inputs -- each takes `now` (Unix seconds, a float) and returns the list of
     actions (Send, Close, Dial, Event) for the shell to carry out:
-        connection_made(conn, ip, now, dialled)    a TCP connection is up
+        connection_made(conn, ip, now, dialled, certificate)
+                                                   a TLS connection is up (the
+                                                   listener's certificate if we dialled)
+        tls_failed(ip, now)                        an inbound TLS handshake failed
         line_received(conn, line, now, arrived)    one line from a peer
         line_too_long(conn, now)                   a line past MAX_LINE
         connection_lost(conn, now)                 the connection is gone
         dial_failed(dial, now)                     a Dial could not connect
+        dial_not_tls(dial, now)                    a Dial's host did not speak TLS 1.3
         tick(now)                                  time passed (twice a second)
         submit(...), cancel(...), lookup(...)      a user's request (these also
                                                    return a value: id, entry, record)
@@ -2936,8 +3049,19 @@ class Node:
 
     # -- inputs --------------------------------------------------------------------
 
-    def connection_made(self, conn: int, ip: str, now: float, dialled: Dial | None = None) -> list[Action]:
-        self.links.connection_made(conn, ip, now, dialled)
+    def connection_made(self, conn: int, ip: str, now: float, dialled: Dial | None = None,
+                        certificate: bytes | None = None) -> list[Action]:
+        self.links.connection_made(conn, ip, now, dialled, certificate)
+        return self.take()
+
+    def tls_failed(self, ip: str, now: float) -> list[Action]:
+        """A connection from `ip` that did not complete a TLS 1.3 handshake (8.1):
+        no domain was proven, so its address pays (9.1)."""
+        subject = ip_subject(ip)
+        if self.reputation.change(subject, REPUTATION_EVENTS["bad_tls"][0], int(now)) <= SCORE_MIN:
+            self.reputation.ban(subject, int(now))
+        self.event("misbehaved", domain=None, ip=ip, event="bad_tls", message="no TLS 1.3 handshake",
+                   score=self.reputation.score(subject, int(now)))
         return self.take()
 
     def line_received(self, conn: int, line: bytes, now: float, arrived: float | None = None) -> list[Action]:
@@ -2959,6 +3083,13 @@ class Node:
     def dial_failed(self, dial: Dial, now: float) -> list[Action]:
         """The shell could not connect to a Dial's host."""
         self.peerset.dial_failed(dial, now)
+        return self.take()
+
+    def dial_not_tls(self, dial: Dial, now: float) -> list[Action]:
+        """A Dial's host took the TCP connection but not a TLS 1.3 handshake:
+        a failed dial and, if a record named that address, its owner's lie (9.1)."""
+        self.peerset.dial_failed(dial, now)
+        self.peerset.dialled_wrong(dial, now)
         return self.take()
 
     def tick(self, now: float) -> list[Action]:
@@ -2987,9 +3118,9 @@ class Node:
         self.names.sweep(now)
         self.peerset.sweep(now)
 
-    def submit(self, user: str, to: str, subject: str, body: str, now: float,
-               ttl: int = MAX_TTL) -> tuple[str, list[Action]]:
-        return self.outbox.submit(user, to, subject, body, now, ttl), self.take()
+    def submit(self, user: str, to: str, subject: str, body: str, now: float, ttl: int = MAX_TTL,
+               parts: Sequence[dict] = (), in_reply_to: str | None = None) -> tuple[str, list[Action]]:
+        return self.outbox.submit(user, to, subject, body, now, ttl, parts, in_reply_to), self.take()
 
     def cancel(self, mail_id: str, now: float) -> tuple[dict, list[Action]]:
         return self.outbox.cancel(mail_id, now), self.take()
@@ -3008,7 +3139,7 @@ class Node:
         return self.take()
 
     def transmit(self, conn: int, frame: dict) -> list[Action]:
-        """Send any frame on a connection, MAC'd like our own (for tools and tests)."""
+        """Send any frame on a connection, as if our own (for tools and tests)."""
         peer = self.links.peers.get(conn)
         if peer is not None:
             self.links.send(peer, frame)
@@ -3264,9 +3395,11 @@ class Stores:
 # =============================================================================
 # The only code that touches sockets, threads and the clock.  Each connection
 # has a reader (the socketserver handler thread, or the dialling thread) and
-# a writer thread with a bounded queue.  Every core call happens under one
-# lock; its actions are carried out right after.  Nothing here decides
-# anything about the protocol.
+# a writer thread with a bounded queue.  TLS is the stdlib's sans-IO kind, an
+# ssl.SSLObject over two MemoryBIOs behind a small lock of its own, so that
+# the two threads share a raw socket, never an SSLSocket.  Every core call
+# happens under one lock; its actions are carried out right after.  Nothing
+# here decides anything about the protocol.
 
 MAX_QUEUE_BYTES = 16 << 20      # unsent bytes per connection; a peer that does not
                                 # read that much is dropped rather than buffered
@@ -3275,6 +3408,125 @@ MAX_QUEUED_TOTAL = 64 << 20     # unsent bytes on all connections together: 96
 TICK_SECONDS = 0.5              # how often the core is told that time passed
 SOCKET_TIMEOUT = IDLE_TIMEOUT + 30   # a safety net under the core's own timeouts
 SERVE_POLL = 0.05               # seconds; how soon a listening server notices stop()
+RECV_SIZE = 65_536              # bytes read from a socket at a time
+
+
+def tls_contexts(identity: Identity, data_dir: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(listener, dialler) contexts for links (PROTOCOL.md 8.1): TLS 1.3 only,
+    no session tickets (so no resumption and no 0-RTT), and a dialler that
+    sends no SNI and takes any certificate, because the core, not a CA,
+    decides whose key it is.  The stdlib loads a certificate only from a
+    file: a private one (0600) lives long enough to be read."""
+    listener = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    dialler = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for context in (listener, dialler):
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.options |= ssl.OP_NO_TICKET
+    listener.num_tickets = 0
+    dialler.check_hostname = False
+    dialler.verify_mode = ssl.CERT_NONE
+    fd, path = tempfile.mkstemp(prefix=".tls-", dir=data_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(identity.to_pem() + b"\n")
+            f.write(ssl.DER_cert_to_PEM_cert(identity.certificate).encode("ascii"))
+        listener.load_cert_chain(path)
+    finally:
+        os.unlink(path)
+    return listener, dialler
+
+
+class TlsLink:
+    """One TLS session, sans-IO (8.1): bytes from the socket go in, lines'
+    bytes come out, and what TLS wants sent waits in `outgoing` for the
+    connection's one writer.  Touched only under its own lock, and never
+    while blocked on the socket, so reader and writer cannot deadlock."""
+
+    def __init__(self, context: ssl.SSLContext, server_side: bool):
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=None)
+        self.lock = threading.Lock()
+
+    def handshake(self, sock: socket.socket, data: bytes = b"") -> None:
+        """Run the handshake on a blocking socket, before the writer starts."""
+        while True:
+            with self.lock:
+                self.incoming.write(data)
+                try:
+                    self.tls.do_handshake()
+                    done = True
+                except ssl.SSLWantReadError:
+                    done = False
+                out = self.outgoing.read()
+            if out:
+                sock.sendall(out)
+            if done:
+                return
+            data = sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionError("closed during the TLS handshake")
+
+    def receive(self, data: bytes) -> bytes | None:
+        """Decrypt what arrived; None once the peer said close_notify."""
+        chunks = []
+        with self.lock:
+            self.incoming.write(data)
+            while True:
+                try:
+                    chunk = self.tls.read(RECV_SIZE)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    return None
+                if not chunk:
+                    return None
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    def encrypt(self, line: bytes) -> bytes:
+        """The TLS records for `line`, after anything TLS had waiting."""
+        with self.lock:
+            if line:
+                self.tls.write(line)
+            return self.outgoing.read()
+
+    def goodbye(self) -> bytes:
+        """close_notify, so that the peer can tell an end from a cut (RFC 8446 6.1)."""
+        with self.lock:
+            with contextlib.suppress(ssl.SSLError):     # (it would wait for the peer's)
+                self.tls.unwrap()
+            return self.outgoing.read()
+
+    @property
+    def pending(self) -> bool:
+        return self.outgoing.pending > 0
+
+    def certificate(self) -> bytes | None:
+        return self.tls.getpeercert(binary_form=True)
+
+
+class LineBuffer:
+    """Splits a byte stream into lines of at most MAX_LINE bytes, the line
+    feed included (3.1); never holds more than that plus one read."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Yield the complete lines; raise RemoteError(too_large) on a line past
+        the limit, as soon as the limit is passed."""
+        self.data += data
+        start = 0
+        while (end := self.data.find(b"\n", start)) >= 0:
+            if end + 1 - start > MAX_LINE:
+                break
+            yield bytes(self.data[start:end + 1])
+            start = end + 1
+        del self.data[:start]
+        newline = self.data.find(b"\n")
+        if len(self.data) > MAX_LINE and not 0 <= newline < MAX_LINE:
+            raise RemoteError("too_large", f"a line longer than {MAX_LINE} bytes")
 
 
 class SendBudget:
@@ -3300,20 +3552,19 @@ class SendBudget:
 
 
 class Connection:
-    """The shell's side of one TCP connection: read lines, queue writes."""
+    """The shell's side of one link: TLS, then read lines and queue writes."""
 
     _ids = iter(range(1, 2**62))
     _ids_lock = threading.Lock()
 
-    def __init__(self, shell: "NodeShell", sock: socket.socket, ip: str,
-                 dialled: Dial | None, rfile: Any = None):
+    def __init__(self, shell: "NodeShell", sock: socket.socket, ip: str, dialled: Dial | None):
         with Connection._ids_lock:
             self.id = next(Connection._ids)
         self.shell = shell
         self.sock = sock
         self.ip = ip
         self.dialled = dialled
-        self.rfile = rfile or sock.makefile("rb")
+        self.link = TlsLink(shell.tls_dialler if dialled else shell.tls_listener, dialled is None)
         self.queue: collections.deque[bytes] = collections.deque()
         self.queued = 0
         self.closing = False
@@ -3324,32 +3575,72 @@ class Connection:
     # reader --------------------------------------------------------------
 
     def run(self) -> None:
-        """Read lines until the peer or the core ends the connection."""
+        """Handshake, then read lines until the peer or the core ends the link."""
+        self.sock.settimeout(HANDSHAKE_TIMEOUT)
+        if not self._handshake():
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            return
         self.sock.settimeout(SOCKET_TIMEOUT)
         self.shell.register(self)
         self.writer.start()
         try:
-            self.shell.call("connection_made", self.id, self.ip, dialled=self.dialled)
-            while not self.closing:
-                line = self.rfile.readline(MAX_LINE + 1)
-                if not line:
-                    break
-                if len(line) > MAX_LINE:       # never buffer past the limit (3.1)
-                    self.shell.call("line_too_long", self.id)
-                    break
-                if not line.endswith(b"\n"):
-                    break                      # the peer hung up mid-line
-                self.shell.call("line_received", self.id, line, arrived=self.shell.clock())
+            self.shell.call("connection_made", self.id, self.ip, dialled=self.dialled,
+                            certificate=self.link.certificate() if self.dialled else None)
+            self._read_lines()
         except (OSError, ValueError):
-            pass                               # reset, timeout, or closed under us
+            pass                               # reset, timeout, bad record, or closed under us
         except Exception:                      # a bug: log it, keep the node alive
             log.exception("connection %d: unexpected error", self.id)
         finally:
             self.shell.call("connection_lost", self.id)
             self.close()
-            # socketserver closes the socket when handle() returns: let the
-            # writer finish first, so a last error frame reaches the peer.
+            # Let the writer finish first, so a last error frame reaches the peer.
             self.writer.join(timeout=5)
+
+    def _handshake(self) -> bool:
+        """TLS 1.3 (8.1).  A listener that meets a JSON line where the
+        ClientHello belongs answers in plain JSON, once: a v1 node learns why."""
+        try:
+            first = b""
+            if self.dialled is None:
+                first = self.sock.recv(RECV_SIZE)
+                if first[:1] == b"{":
+                    self.sock.sendall(encode_frame(make_error(
+                        "version", f"this node speaks Secral v{PROTOCOL_VERSION}, inside TLS 1.3")))
+                    return False
+            self.link.handshake(self.sock, first)
+            return True
+        except (OSError, ValueError) as exc:
+            log.info("connection from %s: no TLS 1.3 handshake (%s)", self.ip if not self.dialled
+                     else f"{self.dialled.host}:{self.dialled.port}", exc)
+            if not isinstance(exc, ssl.SSLError):     # a timeout or a reset proves nothing
+                if self.dialled is not None:
+                    self.shell.call("dial_failed", self.dialled)
+            elif self.dialled is not None:
+                self.shell.call("dial_not_tls", self.dialled)
+            else:
+                self.shell.call("tls_failed", self.ip)
+            return False
+
+    def _read_lines(self) -> None:
+        lines = LineBuffer()
+        while not self.closing:
+            data = self.sock.recv(RECV_SIZE)
+            if not data:
+                return
+            data = self.link.receive(data)
+            if self.link.pending:              # TLS has something to say (a key update)
+                with self.cond:
+                    self.cond.notify()
+            if data is None:
+                return
+            try:
+                for line in lines.feed(data):
+                    self.shell.call("line_received", self.id, line, arrived=self.shell.clock())
+            except RemoteError:                # never buffer past the limit (3.1)
+                self.shell.call("line_too_long", self.id)
+                return
 
     # writer --------------------------------------------------------------
 
@@ -3405,24 +3696,31 @@ class Connection:
         self.shell.budget.give(dropped)
         return dropped
 
+    def _next_line(self) -> bytes | None:
+        """The next line to send (b"" when only TLS has something), or None
+        when the connection is closing and all is sent."""
+        with self.cond:
+            while not self.queue and not self.closing and not self.link.pending:
+                self.cond.wait()
+            if not self.queue:
+                return b"" if self.link.pending else None
+            line = self.queue.popleft()
+            self.queued -= len(line)
+        self.shell.budget.give(len(line))
+        return line
+
     def _write_loop(self) -> None:
         rate = self.shell.core.config.send_rate          # below the peer's limit (9.3)
         pace = TokenBucket(rate, rate, time.monotonic())
         try:
-            while True:
-                with self.cond:
-                    while not self.queue and not self.closing:
-                        self.cond.wait()
-                    if not self.queue:
-                        break
-                    line = self.queue.popleft()
-                    self.queued -= len(line)
-                self.shell.budget.give(len(line))
-                delay = pace.reserve(time.monotonic())      # pace below the peer's limit (9.3)
-                if delay:
-                    time.sleep(delay)
-                self.sock.sendall(line)
-        except OSError:
+            while (line := self._next_line()) is not None:
+                if line:
+                    delay = pace.reserve(time.monotonic())   # pace below the peer's limit (9.3)
+                    if delay:
+                        time.sleep(delay)
+                self.sock.sendall(self.link.encrypt(line))
+            self.sock.sendall(self.link.goodbye())
+        except (OSError, ValueError):
             pass
         finally:
             self._discard()                     # a reset peer leaves no bytes counted
@@ -3433,16 +3731,11 @@ class Connection:
             self.shell.unregister(self)
 
 
-class PeerHandler(socketserver.StreamRequestHandler):
+class PeerHandler(socketserver.BaseRequestHandler):
     """socketserver's per-connection thread: hand the socket to a Connection."""
 
     def handle(self) -> None:
-        Connection(self.server.shell, self.request, self.client_address[0], None,
-                   rfile=self.rfile).run()
-
-    def finish(self) -> None:
-        with contextlib.suppress(OSError):
-            super().finish()
+        Connection(self.server.shell, self.request, self.client_address[0], None).run()
 
 
 class PeerServer(socketserver.ThreadingTCPServer):
@@ -3544,6 +3837,7 @@ class NodeShell:
             self._release()
             raise
         self.stores = Stores.open(data_dir)
+        self.tls_listener, self.tls_dialler = tls_contexts(self.identity, data_dir)
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.generation = 0                     # bumped on every event, for waiters
@@ -3786,6 +4080,12 @@ def inbox_view(key: str, entry: dict, users: MutableMapping, contacts: dict) -> 
             "unread": entry.get("unread", False), "contact": contacts.get(Address(*entry["from"].split("@")).key)}
 
 
+def mail_content(entry: dict) -> dict:
+    """What `read` adds to a mail's view: its body, parts and in_reply_to."""
+    return {"body": entry["body"], "parts": entry.get("parts") or [],
+            "in_reply_to": entry.get("in_reply_to")}
+
+
 def outbox_note(entry: dict) -> str:
     """Why an own mail is where it is, in words (7.5): what a user asks first."""
     status = entry["status"]
@@ -3905,13 +4205,15 @@ class Control:
     # mail ----------------------------------------------------------------
 
     def cmd_send(self, to: str, subject: str, body: str, user: str = DEFAULT_USER,
-                 ttl: int = MAX_TTL) -> dict:
-        """Queue a mail.  If the recipient's key must be looked up first, wait
-        for that first answer, so that the user hears at once when nobody
-        knows the recipient's node (the node keeps asking)."""
+                 ttl: int = MAX_TTL, parts: list | None = None, in_reply_to: str | None = None) -> dict:
+        """Queue a mail (parts: [{"type", "name"?, "data": base64}], 6.1).  If
+        the recipient's key must be looked up first, wait for that first
+        answer, so that the user hears at once when nobody knows the
+        recipient's node (the node keeps asking)."""
         with self.shell.lock:
             address = self._resolve(to)
-            mail_id = self.shell.call("submit", user, address, subject, body, ttl=int(ttl))
+            mail_id = self.shell.call("submit", user, address, subject, body, ttl=int(ttl),
+                                      parts=parts or (), in_reply_to=in_reply_to)
 
         def looked_up() -> bool:
             entry = self.stores.outbox[mail_id]
@@ -3970,12 +4272,12 @@ class Control:
                 if exc.code != "not_found":
                     raise
                 _, entry = find_by_prefix(list(self.stores.outbox.items()), id, "mail")
-                return outbox_view(entry, self._contacts_by_address()) | {"body": entry["body"]}
+                return outbox_view(entry, self._contacts_by_address()) | mail_content(entry)
             if entry.get("unread"):
                 entry["unread"] = False
                 self.stores.inbox[key] = entry
             view = inbox_view(key, entry, self.stores.users, self._contacts_by_address())
-            return view | {"body": entry["body"]}
+            return view | mail_content(entry)
 
     # users and contacts (local only: never on the wire) --------------------
 
@@ -4110,7 +4412,17 @@ def message_of(entry: dict, contact: str | None = None) -> bytes:
         message["Subject"] = text(entry["subject"])
         message["Date"] = email.utils.formatdate(entry["created"], usegmt=True)
         message["Message-ID"] = f"<{entry['id']}@{sender.rpartition('@')[2]}>"
+        if entry.get("in_reply_to"):
+            message["In-Reply-To"] = f"<{entry['in_reply_to']}@{text(entry['to']).rpartition('@')[2]}>"
         message.set_content(str(entry["body"]).encode("utf-8", "replace").decode("utf-8"))
+        for part in entry.get("parts") or ():   # HTML as an alternative, the rest attached
+            maintype, _, subtype = part["type"].partition("/")
+            data = base64.b64decode(part["data"])
+            if part["type"] == "text/html" and "name" not in part:
+                message.add_alternative(data.decode("utf-8", "replace"), subtype="html")
+            else:
+                message.add_attachment(data, maintype=maintype, subtype=subtype,
+                                       filename=text(part.get("name") or "part"))
         return message.as_bytes()
     except Exception:                           # (a bug here must not lock anyone out)
         log.exception("cannot render mail %s; serving it as plain text", str(entry.get("id"))[:12])
@@ -4724,10 +5036,24 @@ def show_sent(e: dict) -> None:
         print(f"{e['status']} {e['id']} to {e['to']}: {e['note']}")
 
 
+def attachment(path: str) -> dict:
+    """A file as a mail part (6.1): its media type guessed from its name."""
+    import mimetypes
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PLAINTEXT + 1)
+    except OSError as exc:
+        raise LocalError("not_found", f"cannot read {path}: {exc.strerror}")
+    media_type = (mimetypes.guess_type(path)[0] or "application/octet-stream").lower()
+    return {"type": media_type, "name": os.path.basename(path), "data": b64e(data)}
+
+
 def cli_send(args: argparse.Namespace) -> tuple[Any, Callable]:
     body = args.body if args.body is not None else sys.stdin.read()
     entry = call_node(args.data_dir, "send", {"to": args.to, "subject": args.subject, "body": body,
-                                              "user": args.sender, "ttl": args.ttl}, NIS_TIMEOUT + 5)
+                                              "user": args.sender, "ttl": args.ttl,
+                                              "parts": [attachment(path) for path in args.attach],
+                                              "in_reply_to": args.reply_to}, NIS_TIMEOUT + 5)
     if args.wait:
         entry = call_node(args.data_dir, "wait", {"id": entry["id"], "timeout": args.wait}, args.wait)
         if entry["status"] != "delivered":
@@ -4748,17 +5074,42 @@ def cli_inbox(args: argparse.Namespace) -> tuple[Any, Callable]:
     return call_node(args.data_dir, "inbox", {"user": args.user}), show_mail_rows
 
 
+def save_parts(parts: list[dict], directory: str) -> list[str]:
+    """Write a mail's parts as files in `directory`; never over an existing one."""
+    os.makedirs(directory, exist_ok=True)
+    saved = []
+    for n, part in enumerate(parts, 1):
+        name = part.get("name") or f"part-{n}"
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "xb") as f:         # (names are checked: no directories, 6.1)
+                f.write(base64.b64decode(part["data"]))
+        except FileExistsError:
+            raise LocalError("refused", f"{path} exists; not overwritten")
+        saved.append(path)
+    return saved
+
+
 def cli_read(args: argparse.Namespace) -> tuple[Any, Callable]:
     def show(r: dict) -> None:
         if r["folder"] == "sent":
-            print(f"From:    {r['from']}\nTo:      {r['to']}\nDate:    {when(r['created'])}\n"
-                  f"Subject: {r['subject']}\nId:      {r['id']}\nStatus:  {r['status']} ({r['note']})"
-                  f"\n\n{r['body']}")
-            return
-        sender = r["from"] + (f" ({r['contact']})" if r["contact"] else " (not in your contacts)")
-        print(f"From:    {sender}\nTo:      {r['to']}\nDate:    {when(r['created'])}\n"
-              f"Subject: {r['subject']}\nId:      {r['id']}\n\n{r['body']}")
-    return call_node(args.data_dir, "read", {"id": args.id}), show
+            head = (f"From:    {r['from']}\nTo:      {r['to']}\nDate:    {when(r['created'])}\n"
+                    f"Subject: {r['subject']}\nId:      {r['id']}\nStatus:  {r['status']} ({r['note']})")
+        else:
+            sender = r["from"] + (f" ({r['contact']})" if r["contact"] else " (not in your contacts)")
+            head = (f"From:    {sender}\nTo:      {r['to']}\nDate:    {when(r['created'])}\n"
+                    f"Subject: {r['subject']}\nId:      {r['id']}")
+        if r["in_reply_to"]:
+            head += f"\nReplies: {r['in_reply_to']}"
+        for part in r["parts"]:
+            size = len(base64.b64decode(part["data"]))
+            head += f"\nPart:    {part.get('name', '(unnamed)')} ({part['type']}, {size} bytes)"
+        print(f"{head}\n\n{r['body']}")
+        for path in saved:
+            print(f"saved {path}")
+    result = call_node(args.data_dir, "read", {"id": args.id})
+    saved = save_parts(result["parts"], args.save_to) if args.save_to else []
+    return result, show
 
 
 def cli_outbox(args: argparse.Namespace) -> tuple[Any, Callable]:
@@ -4919,6 +5270,9 @@ def add_mail_parsers(sub: Any) -> None:
     p.add_argument("--subject", "-s", required=True, help="the subject (one line)")
     p.add_argument("--body", "-b", help="the text (default: read standard input)")
     p.add_argument("--from", dest="sender", default=DEFAULT_USER, help="local user (default Default)")
+    p.add_argument("--attach", "-a", action="append", default=[], metavar="FILE",
+                   help="attach a file (repeatable; all of a mail together: about 140 KiB)")
+    p.add_argument("--reply-to", metavar="ID", help="the id of the mail this answers (for threading)")
     p.add_argument("--ttl", type=positive(int), default=MAX_TTL,
                    help="seconds the mail lives and is retried (default and most: 7 days)")
     p.add_argument("--wait", type=positive(float), metavar="SECONDS",
@@ -4931,6 +5285,7 @@ def add_mail_parsers(sub: Any) -> None:
         "id", help="the mail id (a unique prefix of 4 or more digits will do)")
     p = add_common(sub.add_parser("read", help="show one mail, received or sent"))
     p.add_argument("id", help="the mail id (a unique prefix of 4 or more digits will do)")
+    p.add_argument("--save-to", metavar="DIR", help="save the mail's attachments in DIR")
     p = add_common(sub.add_parser("outbox", help="list sent mail and why it is where it is, or withdraw one"))
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     add_common(actions.add_parser("list", help="list sent mail (the default)"))
@@ -5055,54 +5410,51 @@ SEED_EDGES = ((5, 1), (1, 6), (6, 7), (1, 2), (7, 3), (2, 6), (7, 5), (4, 2), (4
 
 
 class WirePeer:
-    """A bare peer on a socket, for the demo, the benchmark and the tests: the
-    handshake, JSON lines and link MACs, nothing else (examples/raw_peer.py
-    does the same without secral.py)."""
+    """A bare peer on a socket, for the demo, the benchmark and the tests: TLS,
+    the handshake and JSON lines, nothing else (examples/raw_peer.py does the
+    same without secral.py).  One thread uses it, so a plain SSLSocket will do."""
 
     def __init__(self, port: int, identity: Identity | None, source: str = "127.0.0.1"):
         self._identity = identity
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        self.sock = context.wrap_socket(raw)    # no server_hostname: no SNI (8.1)
         self.rfile = self.sock.makefile("rb")
-        self.tx_key = self.rx_key = None
-        self.tx_seq = self.rx_seq = 0
+        self.listener = domain_of_key(certificate_key(self.sock.getpeercert(binary_form=True)))
 
     @property
     def identity(self) -> Identity:
         return self._identity
 
     def send(self, frame: dict) -> None:
-        if self.tx_key is not None:
-            frame = add_mac(self.tx_key, self.tx_seq, frame)
-            self.tx_seq += 1
         self.sock.sendall(encode_frame(frame))
 
     def recv(self) -> dict | None:
         line = self.rfile.readline(MAX_LINE + 1)
-        if not line:
-            return None
-        frame = parse_json(line)
-        if self.rx_key is not None:
-            check_mac(self.rx_key, self.rx_seq, frame)
-            self.rx_seq += 1
-        return frame
+        return parse_json(line) if line else None
 
     def handshake(self) -> dict:
-        """Dial (8.1): check their hello, send ours and our auth, check theirs,
-        and derive the link keys (8.4).  Returns the listener's record."""
+        """Dial (8.1): check the listener's hello against its certificate, send
+        ours and our auth, and ping: the pong says the link is open.  Returns
+        the listener's record."""
         hello = self.recv()
+        if hello is None or hello.get("type") != "hello":
+            raise RemoteError("refused", f"no hello but {hello}")
         record = verify_record(hello["record"], int(time.time()))
+        if record["domain"] != self.listener:
+            raise RemoteError("wrong_peer", "the hello's record is not the certificate's key")
         mine = make_record(self.identity, None, 0, int(time.time()), int(time.time()) + 3600)
-        nonce, secret = os.urandom(HELLO_NONCE), os.urandom(LINK_SECRET)
-        self.send(make_hello(mine, nonce))
-        self.send(make_auth(self.identity, record, hello["nonce"], secret))
-        while (frame := self.recv()) is not None and frame["type"] != "auth":
+        self.send(make_hello(mine, os.urandom(HELLO_NONCE)))
+        self.send(make_auth(self.identity, hello["nonce"], self.listener))
+        self.send({"type": "ping"})
+        while (frame := self.recv()) is not None and frame["type"] != "pong":
             if frame["type"] == "error":
                 raise RemoteError("refused" if frame["code"] not in ERROR_CODES else frame["code"],
                                   frame["message"])
-        verify_auth(frame, record, b64e(nonce), self.identity.domain)
-        self.tx_key, self.rx_key = link_keys(secret, open_auth(self.identity, frame),
-                                             b64e(nonce), hello["nonce"])
-        self.send({"type": "ping"})             # our first MAC'd frame confirms the link
+        if frame is None:
+            raise RemoteError("refused", "the listener closed the link")
         return record
 
     def close(self) -> None:

@@ -157,7 +157,8 @@ class Network:
         self.link_edge[(a, ca)] = self.link_edge[(b, cb)] = edge
         self.run_actions(b, self.nodes[b].connection_made(cb, f"sim-{a}", self.now))
         self.run_actions(a, self.nodes[a].connection_made(
-            ca, f"sim-{b}", self.now, dialled=Dial(f"sim-{b}", 1, self.nodes[b].domain)))
+            ca, f"sim-{b}", self.now, dialled=Dial(f"sim-{b}", 1, self.nodes[b].domain),
+            certificate=self.nodes[b].identity.certificate))   # what TLS would have shown
 
     def go_offline(self, i: int) -> None:
         self.online[i] = False

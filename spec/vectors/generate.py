@@ -85,14 +85,26 @@ def encoding_vectors() -> dict:
         ("NaN is not JSON", '{"type":"ping","n":NaN}'),
         ("duplicate member names", '{"type":"ping","a":1,"a":2}'),
         ("non-ASCII member names", '{"type":"ping","é":1}'),
-        ("a lone surrogate cannot be encoded", '{"type":"ping","s":"\\ud800"}'),
+        ("a lone surrogate escape is refused when the line is parsed", '{"type":"ping","s":"\\ud800"}'),
+        ("a lone low surrogate escape", '{"type":"ping","s":"x\\udc00"}'),
+        ("a surrogate pair in the wrong order", '{"type":"ping","s":"\\ude00\\ud83d"}'),
+        ("a surrogate pair is one character, re-encoded as UTF-8", '{"type":"ping","s":"\\ud83d\\ude00"}'),
+        ("grammar first: a fraction in a line that never closes", '{"type":"ping","n":1.5'),
+        ("grammar first: a 400-digit integer in a line that never closes", '{"type":"ping","n":' + "9" * 400),
+        ("grammar first: a duplicate member name in a line that never closes", '{"type":"ping","a":1,"a":2'),
+        ("grammar first: 17 levels of nesting, then a syntax error", '{"type":"ping","x":' + "[" * 16 + "]" * 16 + ",}"),
+        ("5000 levels of nesting, all closed: JSON, too deep", '{"type":"ping","x":' + "[" * 5000 + "]" * 5000 + "}"),
+        ("5000 levels of nesting, never closed: not JSON", '{"type":"ping","x":' + "[" * 5000),
+        ("a fraction and a duplicate name, both Secral rules: malformed", '{"type":"ping","n":1.5,"n":2}'),
         ("a frame is an object", '["ping"]'),
         ("type is required", '{"kind":"ping"}'),
         ("type must be a string", '{"type":1}'),
         ("truncated", '{"type":"ping"'),
         ("empty line", ''),
+        ("a carriage return before the line feed is JSON whitespace", '{"type":"ping"}\r'),
     ]
     for comment, line in lines:
+        line += "\n"                             # as read: the line feed included
         code, frame = outcome(secral.decode_frame, line.encode())
         entry = {"op": "decode_frame", "comment": comment, "line": line}
         if code == "ok":
@@ -101,14 +113,15 @@ def encoding_vectors() -> dict:
                 entry["canonical"] = canonical.decode()
         entry["expect"] = code
         vectors.append(entry)
-    for comment, raw in [("invalid UTF-8", b'{"type":"ping","s":"\xff"}'),
-                         ("overlong UTF-8 encoding of '/'", b'{"type":"ping","s":"\xc0\xaf"}')]:
+    for comment, raw in [("invalid UTF-8", b'{"type":"ping","s":"\xff"}\n'),
+                         ("overlong UTF-8 encoding of '/'", b'{"type":"ping","s":"\xc0\xaf"}\n'),
+                         ("invalid UTF-8 in a line that is not JSON either", b'{"type":"ping","s":"\xff\n')]:
         code, _ = outcome(secral.decode_frame, raw)
         vectors.append({"op": "decode_frame", "comment": comment, "line_hex": raw.hex(), "expect": code})
     prefix, suffix = '{"type":"ping","pad":"', '"}\n'
     fill = secral.MAX_LINE - len(prefix) - len(suffix)
-    for comment, count in [("exactly the line limit, newline included", fill),
-                           ("one byte over the line limit", fill + 1)]:
+    for comment, count in [("262,144 bytes with the line feed: exactly the limit", fill),
+                           ("262,144 bytes and then the line feed: one byte over", fill + 1)]:
         line = (prefix + "a" * count + suffix).encode()
         code, _ = outcome(secral.decode_frame, line)
         vectors.append({"op": "decode_frame", "comment": comment, "line_prefix": prefix, "repeat": "a",
@@ -123,8 +136,9 @@ def encoding_vectors() -> dict:
         entry["expect"] = code
         vectors.append(entry)
     return {"description": "Frame decoding (3.1), canonical JSON (3.2) and base64 (3.3). decode_frame: "
-                           "the line (given as text, as hex, or as prefix + repeat*count + suffix) is decoded; "
-                           "if that succeeds, 'canonical' is its canonical JSON.",
+                           "the line exactly as read, its line feed included (given as text, as hex, or as "
+                           "prefix + repeat*count + suffix; 'length' counts the line feed) is decoded in "
+                           "the order of 3.2; if that succeeds, 'canonical' is its canonical JSON.",
             "vectors": vectors}
 
 
@@ -197,8 +211,25 @@ def records_vectors(keys) -> dict:
                               ("anything replaces nothing", good, None)]:
         vectors.append({"op": "record_supersedes", "comment": comment, "new": new, "old": old,
                         "result": secral.record_supersedes(new, old), "expect": "ok"})
+    for comment, host in [
+            ("a DNS name", "node.example.org"), ("IPv4", "198.51.100.7"), ("IPv6", "2001:db8::7"),
+            ("loopback is a host like any other", "127.0.0.1"), ("a label may start with a digit", "7up.example"),
+            ("leading zeros in IPv4", "198.051.100.7"), ("IPv4 with three parts", "198.51.100"),
+            ("a name whose last label is all digits", "example.123"),
+            ("a name whose last label is 0x and hex, in any case", "example.0XFF"),
+            ("a name whose last label is 0x alone", "example.0x"), ("a last label 0xg is a name", "example.0xg"),
+            ("the unspecified address", "0.0.0.0"), ("IPv6 unspecified", "::"),
+            ("multicast", "224.0.0.1"), ("broadcast", "255.255.255.255"),
+            ("broadcast as IPv4-mapped IPv6", "::ffff:255.255.255.255"),
+            ("unspecified as IPv4-mapped IPv6", "::ffff:0.0.0.0"),
+            ("an IPv6 zone id", "fe80::1%eth0"), ("an empty label", "a..b"), ("a label starting with -", "-a.b"),
+            ("254 characters", "a." * 126 + "ab"), ("a space", "exa mple.org"), ("non-ASCII", "exämple.org"),
+            ("an empty string", ""), ("a number, not a string", 7)]:
+        code, _ = outcome(secral.check_host, host, "host")
+        vectors.append({"op": "check_host", "comment": comment, "host": host, "expect": code})
     return {"description": "NIS records (5.3): verify_record checks a record at time 'now'; "
-                           "record_supersedes says whether 'new' replaces 'old' in a NIS map.",
+                           "record_supersedes says whether 'new' replaces 'old' in a NIS map (it needs no "
+                           "time: both are verified records); check_host is the grammar of a record's host.",
             "vectors": vectors}
 
 
@@ -210,46 +241,94 @@ def randomness(label: str) -> dict:
             "pss_salt_hex": det(f"{label}/salt", 32).hex()}
 
 
-def seal(keys, label, sender, recipient, to_user, subject, body, created, ttl,
-         key_of=None, plain_override=None) -> tuple[dict, dict]:
-    r = randomness(label)
-    rng = Script(*(bytes.fromhex(r[n]) for n in ("id_hex", "aes_key_hex", "nonce_hex", "oaep_seed_hex", "pss_salt_hex")))
+def script(r: dict) -> Script:
+    return Script(*(bytes.fromhex(r[n]) for n in ("id_hex", "aes_key_hex", "nonce_hex", "oaep_seed_hex",
+                                                 "pss_salt_hex")))
+
+
+def pad_to_bucket(plain: dict) -> bytes:
+    """What a sealer does (6.1): "pad" of "0"s up to the smallest bucket."""
+    size = len(secral.canonical_json({**plain, "pad": ""}))
+    bucket = min(b for b in secral.PAD_BUCKETS if b >= size)
+    return secral.canonical_json({**plain, "pad": "0" * (bucket - size)})
+
+
+def seal_raw(keys, label, sender, recipient, plaintext: bytes, created, ttl, key_of=None) -> dict:
+    """A mail sealed around any plaintext bytes: what a faulty sender might
+    seal (the checks a sealer makes are skipped)."""
+    rng = script(randomness(label))
     s, t = keys[sender], keys[recipient]
-    wrap_for = keys[key_of] if key_of else t
-    if plain_override is None:
-        mail = secral.seal_mail(s, Address("Default", s.domain), Address(to_user, t.domain),
-                                t.public_b64, subject, body, created, ttl, rng)
-        return mail, r
-    # Hand-built: what a faulty sender might seal (the checks a sealer makes are skipped).
-    mail = {"kind": "mail", "id": rng(16).hex(), "from": f"Default@{s.domain}", "to": f"{to_user}@{t.domain}",
+    mail = {"kind": "mail", "id": rng(16).hex(), "from": s.domain, "to": t.domain,
             "from_key": s.public_b64, "created": created, "expires": created + ttl}
     aes, nonce = rng(32), rng(12)
-    mail["ct"] = secral.b64e(secral.seal_gcm(aes, nonce, plain_override, secral.envelope_of(mail)))
+    mail["ct"] = secral.b64e(secral.seal_gcm(aes, nonce, plaintext, secral.envelope_of(mail)))
     mail["nonce"] = secral.b64e(nonce)
-    mail["key"] = secral.b64e(secral.wrap_key(wrap_for.key, aes, rng))
-    return s.sign(mail, rng), r
+    mail["key"] = secral.b64e(secral.wrap_key(keys[key_of or recipient].key, aes, rng))
+    return s.sign(mail, rng)
+
+
+def seal_vector(keys, label, comment, sender, from_user, recipient, to_user, subject, body, created, ttl,
+                parts=(), in_reply_to=None) -> dict:
+    r = randomness(label)
+    s, t = keys[sender], keys[recipient]
+    sender_address, recipient_address = Address(from_user, s.domain), Address(to_user, t.domain)
+    mail = secral.seal_mail(s, sender_address, recipient_address, t.public_b64, subject, body, created, ttl,
+                            script(r), parts, in_reply_to)
+    plaintext = secral.make_plaintext(sender_address, recipient_address, subject, body, parts, in_reply_to)
+    entry = {"op": "seal_mail", "comment": comment, "sender_key": sender, "from": str(sender_address),
+             "to": str(recipient_address), "recipient_key": recipient, "subject": subject, "body": body}
+    if parts:
+        entry["parts"] = list(parts)
+    if in_reply_to:
+        entry["in_reply_to"] = in_reply_to
+    entry.update(created=created, ttl=ttl, random=r, plaintext_length=len(plaintext),
+                 plaintext_sha256_hex=hashlib.sha256(plaintext).hexdigest(), mail=mail, expect="ok")
+    return entry
 
 
 def mail_vectors(keys) -> dict:
-    vectors = []
     created = NOW - 60
-    good, r = seal(keys, "mail-basic", "alice", "bob", "Default", "Hello Bob", "Lunch at noon?\n— Alice",
-                   created, 86400)
-    vectors.append({"op": "seal_mail", "comment": "Alice's node seals a mail to Bob",
-                    "sender": "alice", "from": good["from"], "to": good["to"], "recipient_key": "bob",
-                    "subject": "Hello Bob", "body": "Lunch at noon?\n— Alice", "created": created, "ttl": 86400,
-                    "random": r, "mail": good, "expect": "ok"})
-    unicode_mail, r2 = seal(keys, "mail-unicode", "bob", "alice", "alice.w", "Ünïcødé ✉ 😀", "", created, 600)
-    vectors.append({"op": "seal_mail", "comment": "empty body, non-ASCII subject, another user",
-                    "sender": "bob", "from": unicode_mail["from"], "to": unicode_mail["to"],
-                    "recipient_key": "alice", "subject": "Ünïcødé ✉ 😀", "body": "", "created": created,
-                    "ttl": 600, "random": r2, "mail": unicode_mail, "expect": "ok"})
+    alice, bob, carol = keys["alice"], keys["bob"], keys["carol"]
+    png = bytes(range(256)) * 5
+    vectors = [
+        seal_vector(keys, "mail-basic", "Alice's node seals a mail to Bob: 1 KiB bucket", "alice", "Default",
+                    "bob", "Default", "Hello Bob", "Lunch at noon?\n— Alice", created, 86400),
+        seal_vector(keys, "mail-unicode", "empty body, non-ASCII subject, other users", "bob", "bob.k",
+                    "alice", "alice.w", "Ünïcødé ✉ 😀", "", created, 600),
+        seal_vector(keys, "mail-parts", "an HTML alternative and an attachment, in reply to the first mail: "
+                    "the 4 KiB bucket", "alice", "Default", "bob", "Default", "Re: Hello Bob", "See the picture.",
+                    created, 3600, parts=[{"type": "text/html", "data": secral.b64e(b"<p>See the <b>picture</b>.</p>")},
+                                          {"type": "image/png", "name": "dot.png", "data": secral.b64e(png)}],
+                    in_reply_to=det("mail-basic/id", 16).hex()),
+    ]
+    good = vectors[0]["mail"]
+    unicode_mail = vectors[1]["mail"]
+    with_parts = vectors[2]["mail"]
+
+    for comment, parts, in_reply_to in [
+            ("a part's media type in capitals", [{"type": "Image/PNG", "data": ""}], None),
+            ("a part's media type with parameters", [{"type": "text/plain; charset=utf-8", "data": ""}], None),
+            ("a file name with a directory", [{"type": "image/png", "name": "../dot.png", "data": ""}], None),
+            ("a part whose data is not base64", [{"type": "image/png", "data": "!!"}], None),
+            ("33 parts", [{"type": "text/plain", "data": ""}] * 33, None),
+            ("in_reply_to is not a mail id", [], "Re: lunch"),
+            ("a body and an attachment that cannot fit the largest bucket",
+             [{"type": "application/octet-stream", "data": secral.b64e(b"\0" * 150_000)}], None)]:
+        code, _ = outcome(secral.make_plaintext, Address("Default", alice.domain), Address("Default", bob.domain),
+                          "s", "b", parts, in_reply_to)
+        vectors.append({"op": "make_plaintext", "comment": comment, "from": f"Default@{alice.domain}",
+                        "to": f"Default@{bob.domain}", "subject": "s", "body": "b", "parts": parts,
+                        "in_reply_to": in_reply_to, "expect": code})
 
     def resign(mail, label, **change):
-        return keys["alice"].sign({**mail, **change}, Script(det(label, 32)))
+        return alice.sign({**mail, **change}, Script(det(label, 32)))
 
+    unpadded = seal_raw(keys, "mail-unpadded", "alice", "bob", secral.canonical_json(
+        {"from": f"Default@{alice.domain}", "to": f"Default@{bob.domain}", "subject": "s", "body": "b",
+         "pad": ""}), created, 3600)
     relay_cases = [
         ("valid", good, NOW),
+        ("valid, with parts", with_parts, NOW),
         ("valid up to its last second", good, good["expires"] - 1),
         ("expired", good, good["expires"]),
         ("created 20 minutes ahead of the relay's clock (two clocks, each 10 min off)",
@@ -259,18 +338,20 @@ def mail_vectors(keys) -> dict:
         ("expires before it is created", resign(good, "m-neg", expires=created - 1), NOW),
         ("a signature over other content (ciphertext tampered)",
          {**good, "ct": secral.b64e(bytes([secral.b64d(good["ct"], "ct")[0] ^ 1]) + secral.b64d(good["ct"], "ct")[1:])}, NOW),
-        ("the recipient was changed", {**good, "to": f"Default@{keys['carol'].domain}"}, NOW),
-        ("signed by another node's key that claims Alice's address",
-         keys["carol"].sign({**good, "from_key": keys["carol"].public_b64}, Script(det("m-wrongkey", 32))), NOW),
+        ("the recipient domain was changed", {**good, "to": carol.domain}, NOW),
+        ("signed by another node's key that claims Alice's domain",
+         carol.sign({**good, "from_key": carol.public_b64}, Script(det("m-wrongkey", 32))), NOW),
         ("the signature is cut short", {**good, "sig": good["sig"][:-8]}, NOW),
         ("id is uppercase", resign(good, "m-id", id=good["id"].upper()), NOW),
         ("the nonce is 16 bytes", resign(good, "m-nonce", nonce=secral.b64e(b"\0" * 16)), NOW),
         ("the wrapped key is 2048 bits long", resign(good, "m-key", key=secral.b64e(b"\1" * 256)), NOW),
         ("kind is ack", resign(good, "m-kind", kind="ack"), NOW),
         ("created is a string", resign(good, "m-created", created=str(created)), NOW),
-        ("the from address is not an address", resign(good, "m-from", **{"from": "alice"}), NOW),
-        ("from Core, which never sends mail",
-         resign(good, "m-core", **{"from": f"Core@{keys['alice'].domain}"}), NOW),
+        ("the envelope names a user: relays see domains only",
+         resign(good, "m-from-user", **{"from": f"Default@{alice.domain}"}), NOW),
+        ("from is not a domain", resign(good, "m-from", **{"from": "alice"}), NOW),
+        ("to is a number: a wrong JSON type is malformed, everywhere", resign(good, "m-to-type", to=7), NOW),
+        ("a sealed size that is not a bucket (the plaintext was not padded)", unpadded, NOW),
         ("missing sig", {k: v for k, v in good.items() if k != "sig"}, NOW),
     ]
     for comment, mail, now in relay_cases:
@@ -287,36 +368,44 @@ def mail_vectors(keys) -> dict:
 
     open_case("Bob opens Alice's mail", good, "bob")
     open_case("Alice opens Bob's mail to alice.w", unicode_mail, "alice")
+    open_case("Bob opens the mail with parts", with_parts, "bob")
     open_case("Carol cannot: it is not addressed to her", good, "carol")
-    wrong_key, _ = seal(keys, "mail-wrongkey", "alice", "bob", "Default", "s", "b", created, 3600, key_of="carol",
-                        plain_override=secral.canonical_json({"from": f"Default@{keys['alice'].domain}",
-                                                              "to": f"Default@{keys['bob'].domain}",
-                                                              "subject": "s", "body": "b"}))
-    open_case("the key was wrapped for Carol, the mail addressed to Bob", wrong_key, "bob")
-    plain = {"from": f"Default@{keys['alice'].domain}", "to": f"Default@{keys['bob'].domain}", "subject": "s", "body": "b"}
-    mismatch, _ = seal(keys, "mail-mismatch", "alice", "bob", "Default", "", "", created, 3600,
-                       plain_override=secral.canonical_json({**plain, "to": f"Default@{keys['carol'].domain}"}))
-    open_case("the sealed 'to' differs from the envelope's", mismatch, "bob")
-    not_json, _ = seal(keys, "mail-notjson", "alice", "bob", "Default", "", "", created, 3600,
-                       plain_override=b"Dear Bob")
-    open_case("the sealed content is not JSON", not_json, "bob")
-    long_subject, _ = seal(keys, "mail-subject", "alice", "bob", "Default", "", "", created, 3600,
-                           plain_override=secral.canonical_json({**plain, "subject": "s" * 257}))
-    open_case("a 257-character subject", long_subject, "bob")
-    control, _ = seal(keys, "mail-control", "alice", "bob", "Default", "", "", created, 3600,
-                      plain_override=secral.canonical_json({**plain, "subject": "a\r\nBcc: eve"}))
-    open_case("a subject with a line break", control, "bob")
+    plain = {"from": f"Default@{alice.domain}", "to": f"Default@{bob.domain}", "subject": "s", "body": "b"}
+
+    def sealed(label, plaintext, key_of=None):
+        return seal_raw(keys, label, "alice", "bob", plaintext, created, 3600, key_of)
+
+    open_case("the key was wrapped for Carol, the mail addressed to Bob",
+              sealed("mail-wrongkey", pad_to_bucket(plain), key_of="carol"), "bob")
+    open_case("the sealed recipient is at another domain than the envelope's",
+              sealed("mail-mismatch", pad_to_bucket({**plain, "to": f"Default@{carol.domain}"})), "bob")
+    open_case("the sealed sender is at another domain than the envelope's",
+              sealed("mail-mismatch-from", pad_to_bucket({**plain, "from": f"Default@{carol.domain}"})), "bob")
+    open_case("sealed from Core, which never sends mail",
+              sealed("mail-core", pad_to_bucket({**plain, "from": f"Core@{alice.domain}"})), "bob")
+    open_case("the sealed recipient is not an address",
+              sealed("mail-to-domain", pad_to_bucket({**plain, "to": bob.domain})), "bob")
+    open_case("the sealed content is not JSON", sealed("mail-notjson", b"Dear Bob".ljust(1024, b" ")), "bob")
+    open_case("pad holds something other than \"0\"", sealed("mail-pad", pad_to_bucket(plain).replace(b'0"', b'x"', 1)), "bob")
+    open_case("no pad member", sealed("mail-nopad", secral.canonical_json(plain).ljust(1024, b" ")), "bob")
+    open_case("a 257-character subject", sealed("mail-subject", pad_to_bucket({**plain, "subject": "s" * 257})), "bob")
+    open_case("a subject with a line break",
+              sealed("mail-control", pad_to_bucket({**plain, "subject": "a\r\nBcc: eve"})), "bob")
     for label, char, name in [("mail-u2028", "\u2028", "U+2028 LINE SEPARATOR"),
                               ("mail-u0085", "\u0085", "U+0085 NEXT LINE, a C1 control")]:
-        breaker, _ = seal(keys, label, "alice", "bob", "Default", "", "", created, 3600,
-                          plain_override=secral.canonical_json({**plain, "subject": f"one{char}two"}))
-        open_case(f"a subject with {name}: it breaks lines in mail clients", breaker, "bob")
-    missing, _ = seal(keys, "mail-missing", "alice", "bob", "Default", "", "", created, 3600,
-                      plain_override=secral.canonical_json({k: v for k, v in plain.items() if k != "body"}))
-    open_case("the sealed content has no body", missing, "bob")
-    return {"description": "Mail (6): seal_mail with the given randomness gives exactly 'mail'; verify_mail "
-                           "is what a relay checks at 'now'; open_mail is verify_mail plus what only the "
-                           "recipient (a key from keys.json) can check.", "vectors": vectors}
+        open_case(f"a subject with {name}: it breaks lines in mail clients",
+                  sealed(label, pad_to_bucket({**plain, "subject": f"one{char}two"})), "bob")
+    open_case("the sealed content has no body",
+              sealed("mail-missing", pad_to_bucket({k: v for k, v in plain.items() if k != "body"})), "bob")
+    open_case("a part without a media type",
+              sealed("mail-part-type", pad_to_bucket({**plain, "parts": [{"data": ""}]})), "bob")
+    return {"description": "Mail (6). seal_mail: the mail 'from' (an address of the node of 'sender_key') "
+                           "seals for 'to' under the key of 'recipient_key', with 'random' drawn in the order "
+                           "of 6.1; the result is exactly 'mail', and the sealed plaintext (6.1, padded) has "
+                           "'plaintext_length' bytes and that SHA-256. make_plaintext: the limits a sealer "
+                           "checks. verify_mail is what a relay checks at 'now'; open_mail is verify_mail "
+                           "plus what only the recipient (a key from keys.json) can check, and gives "
+                           "'plaintext'.", "vectors": vectors}
 
 
 def acks_vectors(keys) -> dict:
@@ -367,85 +456,56 @@ def acks_vectors(keys) -> dict:
 def handshake_vectors(keys) -> dict:
     alice, bob, carol = keys["alice"], keys["bob"], keys["carol"]
     alice_record = secral.make_record(alice, "198.51.100.7", 7700, 1, NOW + 86400, Script(det("hs-ra", 32)))
-    bob_record = secral.make_record(bob, None, 0, 1, NOW + 86400, Script(det("hs-rb", 32)))
     carol_record = secral.make_record(carol, None, 0, 1, NOW + 86400, Script(det("hs-rc", 32)))
-    alice_nonce, bob_nonce = secral.b64e(det("hs-alice-nonce", 16)), secral.b64e(det("hs-bob-nonce", 16))
+    bob_nonce = secral.b64e(det("hs-bob-nonce", 16))
     hello = secral.make_hello(alice_record, det("hs-alice-nonce", 16))
-    hello["agent"] = "secral-vectors/1"
-    # Alice dials Bob: her auth answers Bob's challenge and wraps her link secret for Bob.
-    a_secret, b_secret = det("hs-alice-secret", 32), det("hs-bob-secret", 32)
-    auth = secral.make_auth(alice, bob_record, bob_nonce, a_secret,
-                            Script(det("hs-auth-oaep", 32), det("hs-auth-salt", 32)))
-    reply = secral.make_auth(bob, alice_record, alice_nonce, b_secret,
-                             Script(det("hs-reply-oaep", 32), det("hs-reply-salt", 32)))
-    vectors = [
-        {"op": "make_auth", "comment": "Alice (dialler) answers Bob's challenge",
-         "signer": "alice", "peer_record": bob_record, "peer_nonce": bob_nonce,
-         "link_secret_hex": a_secret.hex(), "oaep_seed_hex": det("hs-auth-oaep", 32).hex(),
-         "pss_salt_hex": det("hs-auth-salt", 32).hex(),
-         "statement": secral.canonical_json(secral.auth_statement(bob_nonce, alice.domain, bob.domain,
-                                                                  auth["secret"])).decode(),
-         "hello": hello, "auth": auth, "expect": "ok"},
-        {"op": "make_auth", "comment": "Bob (listener) answers Alice's, once hers has verified",
-         "signer": "bob", "peer_record": alice_record, "peer_nonce": alice_nonce,
-         "link_secret_hex": b_secret.hex(), "oaep_seed_hex": det("hs-reply-oaep", 32).hex(),
-         "pss_salt_hex": det("hs-reply-salt", 32).hex(),
-         "statement": secral.canonical_json(secral.auth_statement(alice_nonce, bob.domain, alice.domain,
-                                                                  reply["secret"])).decode(),
-         "auth": reply, "expect": "ok"},
-    ]
-    other = secral.make_auth(alice, bob_record, bob_nonce, det("hs-other-secret", 32),
-                             Script(det("hs-o-oaep", 32), det("hs-o-salt", 32)))
+    hello["agent"] = "secral-vectors/2"
+    vectors = []
+    for name in ("alice", "bob"):
+        der = secral.make_certificate(keys[name])
+        vectors.append({"op": "make_certificate", "comment": f"the TLS certificate of {name}'s node key",
+                        "key": name, "certificate": secral.b64e(der),
+                        "certificate_sha256_hex": hashlib.sha256(der).hexdigest(),
+                        "domain": keys[name].domain, "expect": "ok"})
+    bob_cert = secral.make_certificate(bob)
+    spki = bob.public_der
+    for comment, der in [
+            ("the key a dialler reads from Bob's certificate", bob_cert),
+            ("a certificate whose key was altered (its signature is not checked; the key is not RSA-3072 "
+             "e=65537 canonical DER)", bob_cert.replace(spki, spki[:-1] + bytes([spki[-1] ^ 2]))),
+            ("not a certificate", b"\x30\x03\x02\x01\x01")]:
+        code, key = outcome(secral.certificate_key, der)
+        entry = {"op": "certificate_key", "comment": comment, "certificate": secral.b64e(der)}
+        if code == "ok":
+            entry.update(key=key, domain=secral.domain_of_key(key))
+        entry["expect"] = code
+        vectors.append(entry)
+    # Alice dials Bob: TLS proved Bob's domain; her auth answers Bob's hello nonce and names him.
+    auth = secral.make_auth(alice, bob_nonce, bob.domain, Script(det("hs-auth-salt", 32)))
+    vectors.append({"op": "make_auth", "comment": "Alice (dialler) answers the nonce of Bob's hello",
+                    "signer": "alice", "peer_nonce": bob_nonce, "peer_domain": bob.domain,
+                    "pss_salt_hex": det("hs-auth-salt", 32).hex(),
+                    "statement": secral.canonical_json(secral.auth_statement(bob_nonce, alice.domain,
+                                                                             bob.domain)).decode(),
+                    "hello": hello, "auth": auth, "expect": "ok"})
     cases = [
         ("Bob checks Alice's auth against the record in her hello", auth, alice_record, bob_nonce, bob.domain),
         ("a replay on a connection with another challenge", auth, alice_record,
          secral.b64e(det("hs-other", 16)), bob.domain),
         ("relayed to Carol: the auth names Bob", auth, alice_record, bob_nonce, carol.domain),
         ("someone else's record: Carol's record with Alice's signature", auth, carol_record, bob_nonce, bob.domain),
-        ("the link secret swapped for another one", {**auth, "secret": other["secret"]}, alice_record,
-         bob_nonce, bob.domain),
-        ("the secret is not an RSA-3072 block", {**auth, "secret": secral.b64e(b"x" * 32)}, alice_record,
-         bob_nonce, bob.domain),
+        ("the signature cut short", {**auth, "sig": auth["sig"][:-8]}, alice_record, bob_nonce, bob.domain),
     ]
     for comment, a, record, nonce, own in cases:
         code, _ = outcome(secral.verify_auth, a, record, nonce, own)
         vectors.append({"op": "verify_auth", "comment": comment, "auth": a, "record": record,
                         "own_nonce": nonce, "own_domain": own, "expect": code})
-    for comment, frame, reader in [("Bob unwraps Alice's link secret", auth, "bob"),
-                                   ("Carol cannot", auth, "carol")]:
-        code, secret = outcome(secral.open_auth, keys[reader], frame)
-        entry = {"op": "open_auth", "comment": comment, "reader": reader, "auth": frame}
-        if code == "ok":
-            entry["link_secret_hex"] = secret.hex()
-        entry["expect"] = code
-        vectors.append(entry)
-    k_dl, k_ld = secral.link_keys(a_secret, b_secret, alice_nonce, bob_nonce)
-    vectors.append({"op": "link_keys", "comment": "the MAC keys of Alice's link to Bob (Alice dialled)",
-                    "dialler_secret_hex": a_secret.hex(), "listener_secret_hex": b_secret.hex(),
-                    "dialler_nonce": alice_nonce, "listener_nonce": bob_nonce,
-                    "dialler_to_listener_hex": k_dl.hex(), "listener_to_dialler_hex": k_ld.hex(),
-                    "expect": "ok"})
-    first = secral.add_mac(k_dl, 0, {"type": "getpeers"})
-    second = secral.add_mac(k_dl, 1, {"type": "ping"})
-    answer = secral.add_mac(k_ld, 0, {"type": "pong"})
-    for comment, key_, seq, frame in [
-        ("Alice's first frame after the handshake", k_dl, 0, first),
-        ("her second", k_dl, 1, second),
-        ("Bob's first frame, under the other key", k_ld, 0, answer),
-        ("a frame replayed at another position", k_dl, 1, first),
-        ("a frame sent with the wrong direction's key", k_ld, 1, second),
-        ("a frame changed after its MAC", k_dl, 1, {**second, "type": "pong"}),
-        ("a frame without a MAC", k_dl, 0, {"type": "getpeers"}),
-    ]:
-        code, _ = outcome(secral.check_mac, key_, seq, frame)
-        vectors.append({"op": "check_mac", "comment": comment, "key_hex": key_.hex(), "seq": seq,
-                        "frame": frame, "expect": code})
-    return {"description": "The handshake (8.1) and link MACs (8.4). make_auth wraps 'link_secret_hex' for "
-                           "the peer (OAEP seed given) and signs 'statement' (PSS salt given); verify_auth "
-                           "checks an auth against the peer's record and our own nonce and domain; "
-                           "open_auth unwraps the peer's link secret; link_keys derives the two MAC keys; "
-                           "check_mac checks a frame's MAC for a key and sequence number.",
-            "vectors": vectors}
+    return {"description": "The link (8.1). make_certificate: a node key's one TLS certificate, DER. "
+                           "certificate_key: the SubjectPublicKeyInfo a dialler reads from the listener's "
+                           "certificate, checked as a NIS key (4.1), and the domain it derives. make_auth: "
+                           "the dialler signs 'statement' (PSS salt given); verify_auth: the listener checks "
+                           "an auth against the record of the dialler's hello and its own hello nonce and "
+                           "domain.", "vectors": vectors}
 
 
 def frames_vectors(keys) -> dict:
@@ -465,15 +525,20 @@ def frames_vectors(keys) -> dict:
         ("nis_query", {"type": "nis_query", "qid": "0" * 32, "domain": d, "hops": 3}),
         ("nis_query with hops 4", {"type": "nis_query", "qid": "0" * 32, "domain": d, "hops": 4}),
         ("nis_query for a bad domain", {"type": "nis_query", "qid": "0" * 32, "domain": "node-x", "hops": 3}),
+        ("nis_query for a domain that is a number: the JSON type is checked first",
+         {"type": "nis_query", "qid": "0" * 32, "domain": 7, "hops": 3}),
         ("nis_query with a short qid", {"type": "nis_query", "qid": "00", "domain": d, "hops": 3}),
         ("nis_answer", {"type": "nis_answer", "qid": "0" * 32, "record": {}}),
         ("getpeers", {"type": "getpeers"}),
         ("peers", {"type": "peers", "records": []}),
         ("peers with an object for records", {"type": "peers", "records": {}}),
-        ("hello", {"type": "hello", "v": 1, "record": {}, "nonce": "", "agent": "x"}),
-        ("hello with a long agent", {"type": "hello", "v": 1, "record": {}, "nonce": "", "agent": "x" * 129}),
-        ("auth", {"type": "auth", "secret": "", "sig": ""}),
-        ("auth without the link secret", {"type": "auth", "sig": ""}),
+        ("hello", {"type": "hello", "v": 2, "record": {}, "nonce": "", "agent": "x"}),
+        ("a v1 hello has the same fields (the version is the handshake's to refuse)",
+         {"type": "hello", "v": 1, "record": {}, "nonce": "", "agent": "x"}),
+        ("hello with a long agent", {"type": "hello", "v": 2, "record": {}, "nonce": "", "agent": "x" * 129}),
+        ("auth", {"type": "auth", "sig": ""}),
+        ("a v1 auth with its link secret: unknown fields are ignored", {"type": "auth", "secret": "", "sig": ""}),
+        ("auth without sig", {"type": "auth"}),
         ("error", {"type": "error", "code": "busy", "message": "too many connections"}),
         ("error refusing one object", {"type": "error", "code": "quota_exceeded", "message": "full", "ref": "0" * 32}),
         ("error without a message", {"type": "error", "code": "busy"}),
