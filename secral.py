@@ -317,7 +317,7 @@ def is_json_text(text: str) -> bool:
         string, scalar, mark = m.groups()
         if expect in ("value", "value or ]") and (string or scalar):
             expect = "next" if stack else "end"
-        elif expect in ("value", "value or ]") and mark in "[{":
+        elif expect in ("value", "value or ]") and mark is not None and mark in "[{":
             stack.append(mark)
             expect = "value or ]" if mark == "[" else "key or }"
         elif expect in ("key", "key or }") and string:
@@ -326,7 +326,7 @@ def is_json_text(text: str) -> bool:
             expect = "value"
         elif expect == "next" and mark == ",":
             expect = "value" if stack[-1] == "[" else "key"
-        elif (expect in ("next", "value or ]", "key or }") and mark in "]}"
+        elif (expect in ("next", "value or ]", "key or }") and mark is not None and mark in "]}"
               and stack and "[{"["]}".index(mark)] == stack[-1]
               and (expect == "next" or expect[-1] == mark)):
             stack.pop()
@@ -1347,7 +1347,7 @@ CONNECTION_TRANSITIONS: dict[str, tuple[str, ...]] = {
 }
 
 # -- Timing and resource bounds (PROTOCOL.md sections 8 and 9) --
-HANDSHAKE_TIMEOUT = 10          # seconds from TCP connect to the link open (TLS included)
+HANDSHAKE_TIMEOUT = 10          # seconds for TLS from TCP connect, and as many again to open
 DIAL_TIMEOUT = 5                # seconds to establish a TCP connection
 PING_INTERVAL = 60              # a quiet open connection is pinged ...
 IDLE_TIMEOUT = 180              # ... and closed when silent this long
@@ -1869,11 +1869,16 @@ class Links:
         until = self.node.reputation.ban(subject, int(now))
         if subject != peer.address_subject:
             self.node.reputation.ban(peer.address_subject, int(now))
-        for other in list(self.peers.values()):
-            if other is not peer and other.address_subject == peer.address_subject and not other.verified:
-                self.close(other, "banned", "this address is banned", now)
+        self.close_unproven(peer.address_subject, now, spare=peer)
         self.node.event("banned", domain=peer.domain, ip=peer.ip, until=until)
         self.close(peer, "banned", f"reputation reached {SCORE_MIN}; banned for {until - int(now)} s", now)
+
+    def close_unproven(self, address_subject: str, now: float, spare: Peer | None = None) -> None:
+        """An address was banned: its connections that have proven no domain
+        end; nodes already proven behind it stay (9.2)."""
+        for other in list(self.peers.values()):
+            if other is not spare and other.address_subject == address_subject and not other.verified:
+                self.close(other, "banned", "this address is banned", now)
 
     # -- the handshake (8.1) --------------------------------------------------------
 
@@ -3060,6 +3065,7 @@ class Node:
         subject = ip_subject(ip)
         if self.reputation.change(subject, REPUTATION_EVENTS["bad_tls"][0], int(now)) <= SCORE_MIN:
             self.reputation.ban(subject, int(now))
+            self.links.close_unproven(subject, now)
         self.event("misbehaved", domain=None, ip=ip, event="bad_tls", message="no TLS 1.3 handshake",
                    score=self.reputation.score(subject, int(now)))
         return self.take()
@@ -3411,20 +3417,27 @@ SERVE_POLL = 0.05               # seconds; how soon a listening server notices s
 RECV_SIZE = 65_536              # bytes read from a socket at a time
 
 
-def tls_contexts(identity: Identity, data_dir: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(listener, dialler) contexts for links (PROTOCOL.md 8.1): TLS 1.3 only,
-    no session tickets (so no resumption and no 0-RTT), and a dialler that
-    sends no SNI and takes any certificate, because the core, not a CA,
-    decides whose key it is.  The stdlib loads a certificate only from a
-    file: a private one (0600) lives long enough to be read."""
-    listener = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+def tls_dialler_context() -> ssl.SSLContext:
+    """A dialler's TLS (PROTOCOL.md 8.1): 1.3 only, no tickets, and any
+    certificate, because the core, not a CA, decides whose key it is.  (No
+    SNI either: TlsLink passes no server name.)"""
     dialler = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    for context in (listener, dialler):
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-        context.options |= ssl.OP_NO_TICKET
-    listener.num_tickets = 0
+    dialler.minimum_version = ssl.TLSVersion.TLSv1_3
+    dialler.options |= ssl.OP_NO_TICKET
     dialler.check_hostname = False
     dialler.verify_mode = ssl.CERT_NONE
+    return dialler
+
+
+def tls_contexts(identity: Identity, data_dir: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(listener, dialler) contexts for links (8.1).  The listener's: TLS 1.3
+    only, the node's certificate, no session tickets (so no resumption and
+    no 0-RTT).  The stdlib loads a certificate only from a file: a private
+    one (0600) lives long enough to be read."""
+    listener = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    listener.minimum_version = ssl.TLSVersion.TLSv1_3
+    listener.options |= ssl.OP_NO_TICKET
+    listener.num_tickets = 0
     fd, path = tempfile.mkstemp(prefix=".tls-", dir=data_dir)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -3433,7 +3446,7 @@ def tls_contexts(identity: Identity, data_dir: str) -> tuple[ssl.SSLContext, ssl
         listener.load_cert_chain(path)
     finally:
         os.unlink(path)
-    return listener, dialler
+    return listener, tls_dialler_context()
 
 
 class TlsLink:
@@ -3447,9 +3460,13 @@ class TlsLink:
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
                                     server_hostname=None)
         self.lock = threading.Lock()
+        self.ended = False              # the peer said close_notify
 
-    def handshake(self, sock: socket.socket, data: bytes = b"") -> None:
-        """Run the handshake on a blocking socket, before the writer starts."""
+    def handshake(self, sock: socket.socket, data: bytes = b"", timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        """Run the handshake on a blocking socket, before the writer starts,
+        within `timeout` seconds in all: a peer that trickles bytes gets no
+        more time than one that sends nothing (8.1)."""
+        deadline = time.monotonic() + timeout
         while True:
             with self.lock:
                 self.incoming.write(data)
@@ -3463,14 +3480,21 @@ class TlsLink:
                 sock.sendall(out)
             if done:
                 return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no TLS handshake in time")
+            sock.settimeout(remaining)
             data = sock.recv(RECV_SIZE)
             if not data:
                 raise ConnectionError("closed during the TLS handshake")
 
     def receive(self, data: bytes) -> bytes | None:
-        """Decrypt what arrived; None once the peer said close_notify."""
+        """Decrypt what arrived; None once the peer has said close_notify and
+        everything before it has been returned."""
         chunks = []
         with self.lock:
+            if self.ended:
+                return None
             self.incoming.write(data)
             while True:
                 try:
@@ -3478,11 +3502,12 @@ class TlsLink:
                 except ssl.SSLWantReadError:
                     break
                 except ssl.SSLZeroReturnError:
-                    return None
-                if not chunk:
-                    return None
+                    chunk = b""
+                if not chunk:                   # close_notify: what came before it still counts
+                    self.ended = True
+                    break
                 chunks.append(chunk)
-        return b"".join(chunks)
+        return b"".join(chunks) if chunks or not self.ended else None
 
     def encrypt(self, line: bytes) -> bytes:
         """The TLS records for `line`, after anything TLS had waiting."""
@@ -3571,13 +3596,19 @@ class Connection:
         self.cond = threading.Condition()
         self.writer = threading.Thread(target=self._write_loop, daemon=True,
                                        name=f"secral-writer-{self.id}")
+        self.started = time.monotonic()          # the handshake deadline counts from here (8.1)
 
     # reader --------------------------------------------------------------
 
     def run(self) -> None:
         """Handshake, then read lines until the peer or the core ends the link."""
         self.sock.settimeout(HANDSHAKE_TIMEOUT)
-        if not self._handshake():
+        try:
+            shaken = self._handshake()
+        finally:
+            if self.dialled is None:
+                self.shell.handshake_over(self.sock)
+        if not shaken:
             with contextlib.suppress(OSError):
                 self.sock.close()
             return
@@ -3609,7 +3640,7 @@ class Connection:
                     self.sock.sendall(encode_frame(make_error(
                         "version", f"this node speaks Secral v{PROTOCOL_VERSION}, inside TLS 1.3")))
                     return False
-            self.link.handshake(self.sock, first)
+            self.link.handshake(self.sock, first, HANDSHAKE_TIMEOUT - (time.monotonic() - self.started))
             return True
         except (OSError, ValueError) as exc:
             log.info("connection from %s: no TLS 1.3 handshake (%s)", self.ip if not self.dialled
@@ -3625,10 +3656,8 @@ class Connection:
 
     def _read_lines(self) -> None:
         lines = LineBuffer()
+        data = b""                             # lines may have come with the handshake's last flight
         while not self.closing:
-            data = self.sock.recv(RECV_SIZE)
-            if not data:
-                return
             data = self.link.receive(data)
             if self.link.pending:              # TLS has something to say (a key update)
                 with self.cond:
@@ -3640,6 +3669,9 @@ class Connection:
                     self.shell.call("line_received", self.id, line, arrived=self.shell.clock())
             except RemoteError:                # never buffer past the limit (3.1)
                 self.shell.call("line_too_long", self.id)
+                return
+            data = self.sock.recv(RECV_SIZE)
+            if not data:
                 return
 
     # writer --------------------------------------------------------------
@@ -3735,7 +3767,10 @@ class PeerHandler(socketserver.BaseRequestHandler):
     """socketserver's per-connection thread: hand the socket to a Connection."""
 
     def handle(self) -> None:
-        Connection(self.server.shell, self.request, self.client_address[0], None).run()
+        try:
+            Connection(self.server.shell, self.request, self.client_address[0], None).run()
+        finally:
+            self.server.shell.handshake_over(self.request)     # (if run() never got that far)
 
 
 class PeerServer(socketserver.ThreadingTCPServer):
@@ -3749,8 +3784,9 @@ class PeerServer(socketserver.ThreadingTCPServer):
         super().__init__(address, PeerHandler)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """A banned address is closed before a thread or a byte is spent on it (9.2)."""
-        return not self.shell.ip_banned(client_address[0])
+        """A banned address, or one past its share of TLS handshakes, is closed
+        before a thread or a byte is spent on it (9.2, 9.3)."""
+        return self.shell.may_handshake(request, client_address[0])
 
 
 class DataDirLock:
@@ -3842,6 +3878,8 @@ class NodeShell:
         self.changed = threading.Condition(self.lock)
         self.generation = 0                     # bumped on every event, for waiters
         self.conns: dict[int, Connection] = {}
+        self.handshaking: dict[socket.socket, tuple[str, float]] = {}   # inbound, still in TLS:
+                                                # address subject, since when
         self.budget = SendBudget(MAX_QUEUED_TOTAL)
         self.stopping = threading.Event()
         self.closed = False
@@ -3930,9 +3968,30 @@ class NodeShell:
         with self.lock:
             return max(self.conns.values(), key=lambda conn: conn.queued, default=None)
 
-    def ip_banned(self, ip: str) -> bool:
+    def may_handshake(self, sock: socket.socket, ip: str) -> bool:
+        """Whether an inbound TCP connection gets a TLS handshake (9.2, 9.3):
+        not banned, and within the caps on connections still in TLS, which
+        the core has not seen yet.  One address subject gets its share and
+        no more; when all are taken, the oldest handshake makes room, as it
+        has had the most time: a crowd that never finishes evicts itself,
+        not a newcomer that takes a round trip."""
+        subject = ip_subject(ip)
+        config = self.core.config
         with self.lock:
-            return not self.core.admits(ip, self.clock())
+            crowd = sum(s == subject for s, _ in self.handshaking.values())
+            if not self.core.admits(ip, self.clock()) or crowd >= config.max_inbound_per_ip:
+                return False
+            if len(self.handshaking) >= config.max_inbound:
+                oldest = min(self.handshaking, key=lambda other: self.handshaking[other][1])
+                del self.handshaking[oldest]
+                with contextlib.suppress(OSError):
+                    oldest.shutdown(socket.SHUT_RDWR)      # its handshake ends; its thread notices
+            self.handshaking[sock] = (subject, time.monotonic())
+            return True
+
+    def handshake_over(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.handshaking.pop(sock, None)
 
     def _dial(self, dial: Dial) -> None:
         try:
@@ -5412,28 +5471,40 @@ SEED_EDGES = ((5, 1), (1, 6), (6, 7), (1, 2), (7, 3), (2, 6), (7, 5), (4, 2), (4
 class WirePeer:
     """A bare peer on a socket, for the demo, the benchmark and the tests: TLS,
     the handshake and JSON lines, nothing else (examples/raw_peer.py does the
-    same without secral.py).  One thread uses it, so a plain SSLSocket will do."""
+    same without secral.py).  One thread may read while another writes: TLS
+    is a TlsLink, as in the shell."""
 
     def __init__(self, port: int, identity: Identity | None, source: str = "127.0.0.1"):
         self._identity = identity
-        raw = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        self.sock = context.wrap_socket(raw)    # no server_hostname: no SNI (8.1)
-        self.rfile = self.sock.makefile("rb")
-        self.listener = domain_of_key(certificate_key(self.sock.getpeercert(binary_form=True)))
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+        self.link = TlsLink(tls_dialler_context(), server_side=False)
+        self.link.handshake(self.sock)
+        self.listener = domain_of_key(certificate_key(self.link.certificate() or b""))
+        self.lines = LineBuffer()
+        self.ready: collections.deque[bytes] = collections.deque(self.lines.feed(self.link.receive(b"") or b""))
+        self.sending = threading.Lock()
 
     @property
     def identity(self) -> Identity:
         return self._identity
 
     def send(self, frame: dict) -> None:
-        self.sock.sendall(encode_frame(frame))
+        self.send_bytes(encode_frame(frame))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Bytes inside TLS, as they are: a line, or what a hostile peer sends."""
+        with self.sending:                      # records leave in the order TLS made them
+            self.sock.sendall(self.link.encrypt(data))
 
     def recv(self) -> dict | None:
-        line = self.rfile.readline(MAX_LINE + 1)
-        return parse_json(line) if line else None
+        """The next frame, or None when the link ends."""
+        while not self.ready:
+            data = self.sock.recv(RECV_SIZE)
+            plain = self.link.receive(data) if data else None
+            if plain is None:
+                return None
+            self.ready.extend(self.lines.feed(plain))
+        return parse_json(self.ready.popleft())
 
     def handshake(self) -> dict:
         """Dial (8.1): check the listener's hello against its certificate, send
@@ -5458,8 +5529,10 @@ class WirePeer:
         return record
 
     def close(self) -> None:
+        """Hang up; a thread blocked in recv() wakes and gets None."""
         with contextlib.suppress(OSError):
-            self.rfile.close()
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
             self.sock.close()
 
 
@@ -5763,9 +5836,10 @@ def bench_relay(base: str, mails: int) -> dict:
         by_id = {a["id"]: a for a in acks}
 
         def answer() -> None:
-            while (frame := sink.recv()) is not None:
-                if frame["type"] == "mail":
-                    sink.send({"type": "ack", "hops": MAX_HOPS, "ack": by_id[frame["mail"]["id"]]})
+            with contextlib.suppress(OSError):  # the sink is closed under it at the end
+                while (frame := sink.recv()) is not None:
+                    if frame["type"] == "mail":
+                        sink.send({"type": "ack", "hops": MAX_HOPS, "ack": by_id[frame["mail"]["id"]]})
         threading.Thread(target=answer, daemon=True).start()
         start = time.perf_counter()
         threading.Thread(target=lambda: [pusher.send({"type": "mail", "hops": MAX_HOPS, "mail": m})

@@ -95,6 +95,8 @@ def encoding_vectors() -> dict:
         ("grammar first: 17 levels of nesting, then a syntax error", '{"type":"ping","x":' + "[" * 16 + "]" * 16 + ",}"),
         ("5000 levels of nesting, all closed: JSON, too deep", '{"type":"ping","x":' + "[" * 5000 + "]" * 5000 + "}"),
         ("5000 levels of nesting, never closed: not JSON", '{"type":"ping","x":' + "[" * 5000),
+        ("5000 levels of nesting with a syntax error deep inside: not JSON",
+         '{"type":"ping","x":' + "[" * 5000 + "1 2" + "]" * 5000 + "}"),
         ("a fraction and a duplicate name, both Secral rules: malformed", '{"type":"ping","n":1.5,"n":2}'),
         ("a frame is an object", '["ping"]'),
         ("type is required", '{"kind":"ping"}'),
@@ -386,6 +388,8 @@ def mail_vectors(keys) -> dict:
     open_case("the sealed recipient is not an address",
               sealed("mail-to-domain", pad_to_bucket({**plain, "to": bob.domain})), "bob")
     open_case("the sealed content is not JSON", sealed("mail-notjson", b"Dear Bob".ljust(1024, b" ")), "bob")
+    open_case("the sealed content nests 3000 levels deep around a syntax error",
+              sealed("mail-deep", (b"[" * 3000 + b"1 2" + b"]" * 3000).ljust(8192, b" ")), "bob")
     open_case("pad holds something other than \"0\"", sealed("mail-pad", pad_to_bucket(plain).replace(b'0"', b'x"', 1)), "bob")
     open_case("no pad member", sealed("mail-nopad", secral.canonical_json(plain).ljust(1024, b" ")), "bob")
     open_case("a 257-character subject", sealed("mail-subject", pad_to_bucket({**plain, "subject": "s" * 257})), "bob")
@@ -487,7 +491,7 @@ def handshake_vectors(keys) -> dict:
                     "pss_salt_hex": det("hs-auth-salt", 32).hex(),
                     "statement": secral.canonical_json(secral.auth_statement(bob_nonce, alice.domain,
                                                                              bob.domain)).decode(),
-                    "hello": hello, "auth": auth, "expect": "ok"})
+                    "hello": hello, "now": NOW, "auth": auth, "expect": "ok"})
     cases = [
         ("Bob checks Alice's auth against the record in her hello", auth, alice_record, bob_nonce, bob.domain),
         ("a replay on a connection with another challenge", auth, alice_record,
