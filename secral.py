@@ -3334,6 +3334,7 @@ class SqliteMapping(MutableMapping):
         self.path = path
         self.lock = threading.RLock()
         self.depth = 0                          # > 0 inside batch(): writes wait for its COMMIT
+        self.begun = False                      # ... and the first of them began the transaction
         # isolation_level=None: autocommit, so every statement is its own
         # transaction and is durable when it returns.
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -3348,13 +3349,21 @@ class SqliteMapping(MutableMapping):
             raise KeyError(key)
         return row[0]
 
+    def _write(self, sql: str, args: tuple) -> sqlite3.Cursor:
+        """A write; inside batch() the first one begins the transaction, so a
+        batch that writes nothing costs no BEGIN and no COMMIT."""
+        if self.depth and not self.begun:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.begun = True
+        return self.db.execute(sql, args)
+
     def __setitem__(self, key: bytes, value: bytes) -> None:
         with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+            self._write("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
 
     def __delitem__(self, key: bytes) -> None:
         with self.lock:
-            if self.db.execute("DELETE FROM kv WHERE key = ?", (key,)).rowcount == 0:
+            if self._write("DELETE FROM kv WHERE key = ?", (key,)).rowcount == 0:
                 raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
@@ -3374,18 +3383,18 @@ class SqliteMapping(MutableMapping):
     def batch(self) -> Iterator[None]:
         """Group writes into one transaction: all of them are durable, or none."""
         with self.lock:
-            if self.depth == 0:
-                self.db.execute("BEGIN IMMEDIATE")
             self.depth += 1
             try:
                 yield
             except BaseException:
                 self.depth -= 1
-                if self.depth == 0:
+                if self.depth == 0 and self.begun:
+                    self.begun = False
                     self.db.execute("ROLLBACK")
                 raise
             self.depth -= 1
-            if self.depth == 0:
+            if self.depth == 0 and self.begun:
+                self.begun = False
                 self.db.execute("COMMIT")
 
     def close(self) -> None:

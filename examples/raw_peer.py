@@ -404,6 +404,16 @@ def is_hex_id(value):
     return isinstance(value, str) and HEX_ID_RE.match(value) is not None
 
 
+def check_members(obj, members, what):
+    """Each (name, check, code) in order: a missing member is malformed, one
+    that fails its check has that code (3.1: the first failure decides)."""
+    for name, check, code in members:
+        if name not in obj:
+            raise ProtocolError("malformed", f"{what}: no {name!r}")
+        if not check(obj[name]):
+            raise ProtocolError(code, f"{what}.{name}: wrong type or form")
+
+
 def has_line_breaker(text):
     """6: the control characters of category Cc (U+0000-U+001F, U+007F,
     U+0080-U+009F) and U+2028, U+2029: never in a subject, a file name
@@ -666,11 +676,7 @@ def verify_record(record, now, what="record"):
         ("expires", is_time, "malformed"),
         ("sig", is_str, "malformed"),
     ]
-    for name, check, code in members:
-        if name not in record:
-            raise ProtocolError("malformed", f"{what}: no {name!r}")
-        if not check(record[name]):
-            raise ProtocolError(code, f"{what}.{name}: wrong type or form")
+    check_members(record, members, what)
     if record["kind"] != "nis":                                         # 3
         raise ProtocolError("malformed", f'{what}.kind is not "nis"')
     port, host = record["port"], record["host"]
@@ -809,11 +815,7 @@ def verify_mail(mail, now, what="mail"):
                ("expires", is_time, "malformed"), ("key", is_str, "malformed"),
                ("nonce", is_str, "malformed"), ("ct", is_str, "malformed"),
                ("sig", is_str, "malformed")]
-    for name, check, code in members:
-        if name not in mail:
-            raise ProtocolError("malformed", f"{what}: no {name!r}")
-        if not check(mail[name]):
-            raise ProtocolError(code, f"{what}.{name}: wrong type or form")
+    check_members(mail, members, what)
     if mail["kind"] != "mail":                                          # 3
         raise ProtocolError("malformed", f'{what}.kind is not "mail"')
     key = parse_public_key(mail["from_key"], f"{what}.from_key")        # 4
