@@ -82,6 +82,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import calendar
 import collections
 import contextlib
 import dataclasses
@@ -98,6 +99,7 @@ import platform
 import random
 import re
 import secrets
+import select
 import shelve
 import shutil
 import signal
@@ -107,6 +109,7 @@ import ssl
 import sqlite3
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
@@ -1408,6 +1411,8 @@ OUTBOX_TRANSITIONS: dict[str, tuple[str, ...]] = {
 }
 OUTBOX_WAITING = ("queued", "sent")             # still routed and retried
 OUTBOX_FINAL = ("delivered", "rejected", "expired", "cancelled")   # where a waiting user stops
+OUTBOX_BOUNCED = ("rejected", "expired")        # reported in the sender's inbox too (a bounce)
+OUTBOX_LOCAL = ("message_id", "from_name", "to_name")   # kept by the sender, never sealed
 
 # -- Connection states (PROTOCOL.md 8.1, 8.2) --
 CONNECTION_TRANSITIONS: dict[str, tuple[str, ...]] = {
@@ -2340,7 +2345,7 @@ class Delivery:
         if peer.domain == item.target:
             item.handed = True
         if item.store == "outbox" and self.stores.outbox[item.ref]["status"] == "queued":
-            self.node.outbox.set_status(item.ref, "sent", "", sent=int(now))
+            self.node.outbox.set_status(item.ref, "sent", "", now, sent=int(now))
 
     def route(self, item: Item, now: float) -> None:
         """Where an object goes next (7.2): its target if connected; else, if we
@@ -2406,7 +2411,7 @@ class Delivery:
         for item in [i for i in self.items.values() if i.expires <= now]:
             self.forget(item)
             if item.store == "outbox":
-                self.node.outbox.set_status(item.ref, "expired", "not acknowledged before it expired")
+                self.node.outbox.set_status(item.ref, "expired", "not acknowledged before it expired", now)
         for key in [k for k, expires in self.seen.items() if expires <= now]:
             del self.seen[key]
             self.seen_changed.add(key)
@@ -2445,7 +2450,7 @@ class Outbox:
             return
         self.delivery.add(Item.outbox(entry["mail"], entry["expires"], now))
 
-    def set_status(self, mail_id: str, status: str, reason: str, **fields: Any) -> dict:
+    def set_status(self, mail_id: str, status: str, reason: str, now: float, **fields: Any) -> dict:
         """The one place an outbox entry changes status (OUTBOX_TRANSITIONS):
         stored, then announced."""
         entry = self.stores.outbox[mail_id]
@@ -2454,7 +2459,30 @@ class Outbox:
         entry.update(status=status, reason=reason, **fields)
         self.stores.outbox[mail_id] = entry
         self.node.event("mail_status", id=mail_id, status=status, reason=reason)
+        if status in OUTBOX_BOUNCED:
+            self.bounce(entry, now)
         return entry
+
+    def bounce(self, entry: dict, now: float) -> None:
+        """A refused or expired own mail is reported in its sender's inbox by
+        Core (Appendix B), as a delivery status notification, so that the mail
+        client that sent it shows the failure, not only `outbox`.  Its id is
+        derived from the mail's, so a bounce is made once."""
+        sender = parse_address(entry["from"])
+        bounce_id = hashlib.sha256(b"secral bounce\0" + entry["id"].encode()).hexdigest()[:32]
+        key = mail_key(self.node.domain, bounce_id)
+        if key in self.stores.inbox or sender.user.lower() not in self.stores.users:
+            return
+        what = "was refused by the recipient's node" if entry["status"] == "rejected" else "expired undelivered"
+        self.stores.inbox[key] = {
+            "user": sender.user.lower(), "id": bounce_id, "from": f"{CORE_USER}@{self.node.domain}",
+            "to": entry["from"], "subject": f"Undelivered: {entry['subject']}"[:MAX_SUBJECT],
+            "body": f"Your mail to {entry['to']} {what}: {entry['reason']}.", "parts": [],
+            "in_reply_to": None, "created": int(now), "received": int(now), "unread": True,
+            "report": {"mail": entry["id"], "from": entry["from"], "to": entry["to"],
+                       "subject": entry["subject"], "created": entry["created"],
+                       "status": entry["status"], "reason": entry["reason"]}}
+        self.node.event("mail_received", key=key, user=sender.user.lower(), sender=CORE_USER, size=0)
 
     def ack_arrived(self, ack: dict, recipient: str, now: float) -> bool:
         """An ack for our own mail (7.5): the outbox entry reaches its end.
@@ -2464,7 +2492,7 @@ class Outbox:
             return False
         if ack["status"] not in OUTBOX_TRANSITIONS[entry["status"]]:
             return False                        # settled already
-        self.set_status(ack["id"], ack["status"], ack["reason"], acked=ack["created"],
+        self.set_status(ack["id"], ack["status"], ack["reason"], now, acked=ack["created"],
                         done_ms=int(now * 1000))
         item = self.delivery.items.get(mail_key(self.node.domain, ack["id"]))
         if item is not None:
@@ -2473,13 +2501,15 @@ class Outbox:
 
     def submit(self, user: str, to: str, subject: str, body: str, now: float, ttl: int,
                parts: Sequence[dict] = (), in_reply_to: str | None = None,
-               sealed: dict | None = None) -> str:
+               sealed: dict | None = None, local: dict | None = None) -> str:
         """Queue a mail from a local user (7.5).  Returns its id.
 
         If the recipient's record (and so its key) is unknown, the mail waits
         in the outbox, unsealed, while Core asks the network for the record.
         `sealed` is the same mail sealed already, by the shell, off the lock
-        (issue 17); it is taken as it is, with its id and times.
+        (issue 17); it is taken as it is, with its id and times.  `local`
+        is what only the sender keeps (OUTBOX_LOCAL: the mail client's
+        Message-ID and display names), never sealed.
         The user's input breaks no wire rule, only a local one: errors are
         LocalErrors with the code of the rule.
         """
@@ -2509,6 +2539,7 @@ class Outbox:
                  "created": created, "expires": created + ttl,
                  "status": "queued", "reason": "", "mail": sealed, "submitted_ms": int(now * 1000),
                  "lookups": 0, "last_lookup": None}
+        entry.update({k: str(v) for k, v in (local or {}).items() if k in OUTBOX_LOCAL and v})
         self.stores.outbox[mail_id] = entry
         self.node.event("mail_status", id=mail_id, status="queued", reason="")
         if sealed is not None:
@@ -2574,7 +2605,7 @@ class Outbox:
         if item is not None:
             self.delivery.forget(item)
         self.waiting_key.get(parse_address(entry["to"]).domain, set()).discard(mail_id)
-        return self.set_status(mail_id, "cancelled", "withdrawn by the sender")
+        return self.set_status(mail_id, "cancelled", "withdrawn by the sender", now)
 
     def peer_opened(self, now: float) -> None:
         """A new peer may know the keys that mail waits for (5.4)."""
@@ -2590,7 +2621,7 @@ class Outbox:
                 if entry is None or entry["expires"] <= now:
                     ids.discard(mail_id)
                     if entry is not None:
-                        self.set_status(mail_id, "expired", "no NIS record for the recipient was found")
+                        self.set_status(mail_id, "expired", "no NIS record for the recipient was found", now)
             if ids:
                 self.node.names.ask(domain, now)
             else:
@@ -3205,8 +3236,8 @@ class Node:
 
     def submit(self, user: str, to: str, subject: str, body: str, now: float, ttl: int = MAX_TTL,
                parts: Sequence[dict] = (), in_reply_to: str | None = None,
-               sealed: dict | None = None) -> tuple[str, list[Action]]:
-        return self.outbox.submit(user, to, subject, body, now, ttl, parts, in_reply_to, sealed), self.take()
+               sealed: dict | None = None, local: dict | None = None) -> tuple[str, list[Action]]:
+        return self.outbox.submit(user, to, subject, body, now, ttl, parts, in_reply_to, sealed, local), self.take()
 
     def recipient_key(self, to: str, now: float) -> str | None:
         """The key a mail to `to` would be sealed with now, if it is known."""
@@ -3455,7 +3486,8 @@ class Stores:
         "relay":       "FULL",      # mail and acks held for others, by key
         "users":       "FULL",      # local users, by lowercase name
         "contacts":    "FULL",      # the address book, by lowercase name
-        "passwords":   "FULL",      # salted scrypt hashes for SMTP/POP3, by user
+        "passwords":   "FULL",      # salted scrypt hashes for SMTP/POP3/IMAP, by user
+        "folders":     "FULL",      # IMAP: each folder's UIDVALIDITY and next UID, appended messages
         "seen":        "NORMAL",    # keys already handled -> expiry (a cache, saved in batches)
         "nis":         "NORMAL",    # the NIS map, by domain (re-learnable)
         "peers":       "NORMAL",    # addresses that worked, by domain
@@ -3479,8 +3511,8 @@ class Stores:
     # leave half done must never be an ack or a forward without its mail
     # (7.4): the inbox and outbox first, the relay store (which holds our
     # own acks) after them, the caches last.
-    GROUP_ORDER = ("inbox", "outbox", "users", "contacts", "passwords", "relay", "seen", "nis", "peers",
-                   "reputation")
+    GROUP_ORDER = ("inbox", "outbox", "folders", "users", "contacts", "passwords", "relay", "seen", "nis",
+                   "peers", "reputation")
 
     @contextlib.contextmanager
     def group(self) -> Iterator[None]:
@@ -4020,7 +4052,7 @@ class NodeShell:
     def __init__(self, data_dir: str, config: Config, listen: tuple[str, int] | None,
                  clock: Clock | None = None, identity: Identity | None = None,
                  smtp: tuple[str, int] | None = None, pop3: tuple[str, int] | None = None,
-                 announce: Callable[[str], None] | None = None):
+                 imap: tuple[str, int] | None = None, announce: Callable[[str], None] | None = None):
         self.data_dir = data_dir
         self.clock = clock or Clock()
         self.servers: list[socketserver.BaseServer] = []
@@ -4030,7 +4062,8 @@ class NodeShell:
             self.server = self._listen(PeerServer, listen, "--host/--port") if listen else None
             self.mail_servers = {name: self._listen(MailClientServer, address, f"--{name}-port", handler)
                                  for name, address, handler in (("smtp", smtp, SmtpHandler),
-                                                                ("pop3", pop3, Pop3Handler)) if address}
+                                                                ("pop3", pop3, Pop3Handler),
+                                                                ("imap", imap, ImapHandler)) if address}
         except BaseException:
             self._release()
             raise
@@ -4640,38 +4673,46 @@ def password_matches(stored: dict | None, password: str) -> bool:
         return hmac.compare_digest(again["hash"], stored["hash"])
 
 
-def message_of(entry: dict, contact: str | None = None) -> bytes:
-    """An inbox entry as an RFC 5322 message (CRLF line ends), the same bytes
-    every time: POP3 sizes and UIDLs must not change between sessions.  It
+# -- whole messages: MIME in and out -------------------------------------------
+# A Secral mail (PROTOCOL.md 6) is a subject, a text body and parts; what a
+# mail client sends and shows is a MIME message (RFC 2045-2049).  SMTP maps a
+# message onto a mail (parse_submission); POP3 and IMAP rebuild an equivalent
+# message from a mail (message_of), the same bytes every time, since POP3
+# sizes and UIDLs and IMAP's messages must not change between sessions.
+# Message-IDs are derived from the mail id, so a reply threads on both sides.
+
+SECRAL_MESSAGE_ID = re.compile(r"<([0-9a-f]{32})@node-[a-z2-7]{24}>")
+
+
+def message_id(mail_id: str, sender_domain: str) -> str:
+    """The Message-ID of a mail: both the sender's Sent copy and the
+    recipient's copy carry it, and a reply's In-Reply-To names it."""
+    return f"<{mail_id}@{sender_domain}>"
+
+
+def header_text(value: Any) -> str:
+    """Any stored text as one header-safe line (no lone surrogates, no line breaks)."""
+    value = str(value).encode("utf-8", "replace").decode("utf-8")
+    return " ".join(LINE_BREAKERS.sub(" ", value).split())
+
+
+def mime_boundary(entry: dict) -> str:
+    """A boundary the mail cannot contain: "=_" never occurs in quoted-printable
+    or base64, and the rest is a hash of the content it would have to hold."""
+    content = json.dumps([entry.get(k) for k in ("id", "subject", "body", "parts", "report")],
+                         sort_keys=True, default=str)
+    return "=_" + hashlib.sha256(content.encode("utf-8", "replace")).hexdigest()[:40]
+
+
+def message_of(entry: dict, from_name: str | None = None, to_name: str | None = None) -> bytes:
+    """An inbox or outbox entry as an RFC 5322 message (CRLF line ends).  It
     cannot fail on a stored mail, whatever it holds (a mail stored under older
     rules, say): a text that breaks a header is mended, never refused here,
     since a mailbox that cannot be listed locks its owner out."""
-    import email.message
-    import email.policy
-    import email.utils
-    def text(value: Any) -> str:
-        value = str(value).encode("utf-8", "replace").decode("utf-8")   # no lone surrogates
-        return " ".join(LINE_BREAKERS.sub(" ", value).split())
-    sender = entry["from"] if isinstance(entry.get("from"), str) else "unknown@unknown"
     try:
-        message = email.message.EmailMessage(policy=email.policy.SMTP)
-        message["From"] = email.utils.formataddr((text(contact or ""), sender))
-        message["To"] = text(entry["to"])
-        message["Subject"] = text(entry["subject"])
-        message["Date"] = email.utils.formatdate(entry["created"], usegmt=True)
-        message["Message-ID"] = f"<{entry['id']}@{sender.rpartition('@')[2]}>"
-        if entry.get("in_reply_to"):
-            message["In-Reply-To"] = f"<{entry['in_reply_to']}@{text(entry['to']).rpartition('@')[2]}>"
-        message.set_content(str(entry["body"]).encode("utf-8", "replace").decode("utf-8"))
-        for part in entry.get("parts") or ():   # HTML as an alternative, the rest attached
-            maintype, _, subtype = part["type"].partition("/")
-            data = base64.b64decode(part["data"])
-            if part["type"] == "text/html" and "name" not in part:
-                message.add_alternative(data.decode("utf-8", "replace"), subtype="html")
-            else:
-                message.add_attachment(data, maintype=maintype, subtype=subtype,
-                                       filename=text(part.get("name") or "part"))
-        return message.as_bytes()
+        if entry.get("report"):
+            return report_message(entry)
+        return mail_message(entry, from_name, to_name)
     except Exception:                           # (a bug here must not lock anyone out)
         log.exception("cannot render mail %s; serving it as plain text", str(entry.get("id"))[:12])
         body = str(entry.get("body", "")).encode("utf-8", "replace")
@@ -4679,25 +4720,188 @@ def message_of(entry: dict, contact: str | None = None) -> bytes:
                 b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + body.replace(b"\n", b"\r\n"))
 
 
-def parse_submission(data: bytes) -> tuple[str, str]:
-    """Subject and text body of a message a mail client submitted.  A Secral
-    mail carries a subject and one text/plain body, nothing else: a message
-    with any other part is refused, never delivered without it."""
+def mail_message(entry: dict, from_name: str | None, to_name: str | None) -> bytes:
+    """A mail as MIME: text/plain alone, or with its HTML alternative and its
+    other parts attached, each part's bytes as they were sent."""
+    import email.message
+    import email.parser
+    import email.policy
+    import email.utils
+    sender = entry["from"] if isinstance(entry.get("from"), str) else "unknown@unknown"
+    message = email.message.EmailMessage(policy=email.policy.SMTP)
+    message["From"] = email.utils.formataddr((header_text(from_name or entry.get("from_name") or ""), sender))
+    message["To"] = email.utils.formataddr((header_text(to_name or entry.get("to_name") or ""),
+                                            header_text(entry["to"])))
+    message["Subject"] = header_text(entry["subject"])
+    message["Date"] = email.utils.formatdate(entry["created"], usegmt=True)
+    message["Message-ID"] = message_id(entry["id"], sender.rpartition("@")[2])
+    if entry.get("in_reply_to"):                # it answers a mail its recipient sent
+        answered = message_id(entry["in_reply_to"], header_text(entry["to"]).rpartition("@")[2])
+        message["In-Reply-To"] = message["References"] = answered
+    message.set_content(str(entry["body"]).encode("utf-8", "replace").decode("utf-8"))
+    for part in entry.get("parts") or ():
+        maintype, _, subtype = part["type"].partition("/")
+        data = base64.b64decode(part["data"])
+        if part["type"] == "text/html" and "name" not in part:
+            message.add_alternative(data.decode("utf-8", "replace"), subtype="html")
+        elif part["type"] == "message/rfc822":  # a forwarded message stays readable as one
+            forwarded = email.parser.BytesParser(policy=email.policy.SMTP).parsebytes(data)
+            message.add_attachment(forwarded, filename=header_text(part.get("name") or "forwarded.eml"))
+        else:
+            message.add_attachment(data, maintype=maintype, subtype=subtype,
+                                   filename=header_text(part.get("name") or "part"))
+    boundary = mime_boundary(entry)
+    for n, part in enumerate(p for p in message.walk() if p.is_multipart()):
+        part.set_boundary(f"{boundary}.{n}")
+    return message.as_bytes()
+
+
+DSN_STATUS = {                                  # a bounce's status code (RFC 3463) by reason
+    "no_such_user": "5.1.1", "too_large": "5.3.4", "bad_address": "5.1.7", "expired": "5.4.7"}   # else 5.6.0
+
+
+def report_message(entry: dict) -> bytes:
+    """A bounce (a delivery status notification, RFC 3464) as multipart/report:
+    words for people, the machine-readable report, the original's headers."""
+    import email.header
+    import email.utils
+    report, domain = entry["report"], entry["from"].rpartition("@")[2]
+
+    def header(name: str, value: str) -> str:
+        value = header_text(value)
+        encoded = value if value.isascii() else email.header.Header(value, "utf-8", header_name=name).encode()
+        return f"{name}: {encoded}"
+    boundary = mime_boundary(entry)
+    status = DSN_STATUS.get(report["reason"] if report["status"] == "rejected" else "expired", "5.6.0")
+    original = message_id(report["mail"], domain)
+    lines = [header("From", f"Mail Delivery <{entry['from']}>"), header("To", entry["to"]),
+             header("Subject", entry["subject"]),
+             f"Date: {email.utils.formatdate(entry['created'], usegmt=True)}",
+             f"Message-ID: {message_id(entry['id'], domain)}",
+             f"In-Reply-To: {original}", f"References: {original}", "Auto-Submitted: auto-replied",
+             "MIME-Version: 1.0",
+             f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"', "",
+             f"--{boundary}", 'Content-Type: text/plain; charset="utf-8"', "Content-Transfer-Encoding: 8bit", "",
+             *textwrap.wrap(header_text(entry["body"]), 76), "",
+             f"--{boundary}", "Content-Type: message/delivery-status", "",
+             f"Reporting-MTA: dns; {domain}", f"Arrival-Date: {email.utils.formatdate(report['created'])}", "",
+             f"Final-Recipient: rfc822; {header_text(report['to'])}", "Action: failed", f"Status: {status}",
+             f"Diagnostic-Code: x-secral; {report['status']}: {header_text(report['reason'])}"[:900], "",
+             f"--{boundary}", "Content-Type: text/rfc822-headers", "",
+             header("From", report["from"]), header("To", report["to"]),
+             header("Subject", report["subject"]),
+             f"Date: {email.utils.formatdate(report['created'], usegmt=True)}", f"Message-ID: {original}", "",
+             f"--{boundary}--", ""]
+    return "\r\n".join(lines).encode("utf-8")
+
+
+def parse_submission(data: bytes) -> dict:
+    """What a mail client submitted, as the pieces of a mail (6): subject,
+    text body, parts (the HTML alternative first, then every other leaf:
+    attachments, inline images, forwarded messages, a second text), the
+    in_reply_to of a reply to a Secral mail, and what only the sender keeps
+    (its Message-ID, so a client's own copy in Sent is recognised, and the
+    display names).  Nothing is dropped: a part the mail cannot hold makes
+    the whole mail too large, and it is refused, not cut."""
     import email.parser
     import email.policy
     message = email.parser.BytesParser(policy=email.policy.default).parsebytes(data)
     subject = re.sub(r"\r?\n[ \t]*", " ", str(message.get("Subject", ""))).strip()   # unfolded (RFC 5322 2.2.3)
-    part = message.get_body(preferencelist=("plain",))
-    if part is None:
-        raise LocalError("refused", "the message has no text/plain part; Secral carries a subject "
-                         "and a plain-text body (send plain text)")
-    others = [p.get_content_type() for p in message.walk()
-              if not p.is_multipart() and p is not part]
-    if others:
-        raise LocalError("refused", f"the message has parts Secral cannot carry yet ({', '.join(others[:4])}): "
-                         "it carries a subject and one plain-text body; send plain text without attachments")
-    body = part.get_content()
-    return subject, body.replace("\r\n", "\n")
+    body_part = message.get_body(preferencelist=("plain",))
+    html_part = message.get_body(preferencelist=("html",))
+    parts = [{"type": "text/html", "data": b64e(mime_text(html_part).encode("utf-8"))}] if html_part else []
+    parts += [mime_part(leaf) for leaf in mime_leaves(message) if leaf is not body_part and leaf is not html_part]
+    return {"subject": subject, "body": mime_text(body_part) if body_part is not None else "",
+            "parts": parts, "in_reply_to": replied_id(message),
+            "local": {"message_id": header_text(message.get("Message-ID", ""))[:998] or None,
+                      "from_name": display_name(message, "From"), "to_name": display_name(message, "To")}}
+
+
+def mime_leaves(part: Any) -> Iterator[Any]:
+    """The leaves of a MIME tree; a forwarded message is one leaf, not a tree."""
+    if part.is_multipart() and part.get_content_maintype() != "message":
+        for child in part.iter_parts():
+            yield from mime_leaves(child)
+    else:
+        yield part
+
+
+def mime_text(part: Any) -> str:
+    """A text part's text, line ends as LF, format=flowed undone (RFC 3676)."""
+    try:
+        text = part.get_content()
+    except (LookupError, ValueError):           # an unknown charset: the bytes as UTF-8
+        text = (part.get_payload(decode=True) or b"").decode("utf-8", "replace")
+    text = text.replace("\r\n", "\n")
+    if part.get_param("format", "").lower() == "flowed":
+        text = decode_flowed(text, part.get_param("delsp", "").lower() == "yes")
+    return text
+
+
+def decode_flowed(text: str, delsp: bool) -> str:
+    """RFC 3676 section 4: a line ending in a space flows into the next line
+    of the same quote depth; delsp=yes means that space was added, so it goes
+    (else CJK words split by a soft break would gain a space)."""
+    out: list[str] = []
+    paragraph, depth = None, 0
+    for line in text.split("\n"):
+        quotes = len(line) - len(line.lstrip(">"))
+        content = line[quotes:]
+        content = content[1:] if content.startswith(" ") else content    # space-stuffing (4.4)
+        flowed = content.endswith(" ") and content != "-- "              # the signature line (4.3)
+        if flowed and delsp:
+            content = content[:-1]
+        if paragraph is not None and quotes != depth:   # a broken paragraph ends (4.5)
+            out.append(paragraph)
+            paragraph = None
+        prefix = ">" * quotes + (" " if quotes else "")
+        paragraph, depth = (paragraph + content if paragraph is not None else prefix + content), quotes
+        if not flowed:
+            out.append(paragraph)
+            paragraph = None
+    if paragraph is not None:
+        out.append(paragraph)
+    return "\n".join(out)
+
+
+def mime_part(leaf: Any) -> dict:
+    """One leaf as a mail part (6): its media type, its bytes, its file name.
+    Text parts are carried as UTF-8 (6: a part's text has no charset)."""
+    import email.policy
+    media_type = leaf.get_content_type()
+    if not MEDIA_TYPE_RE.fullmatch(media_type) or len(media_type) > MAX_MEDIA_TYPE:
+        media_type = "application/octet-stream"
+    if leaf.get_content_maintype() == "message" and leaf.is_multipart():
+        data = leaf.get_payload(0).as_bytes(policy=email.policy.SMTP)   # a forwarded message, whole
+    else:
+        data = leaf.get_payload(decode=True) or b""
+        charset = (leaf.get_content_charset() or "utf-8").lower()
+        if leaf.get_content_maintype() == "text" and charset not in ("utf-8", "us-ascii", "ascii"):
+            with contextlib.suppress(LookupError, UnicodeError):
+                data = data.decode(charset).encode("utf-8")
+    part = {"type": media_type, "data": b64e(data)}
+    name = header_text(leaf.get_filename() or "")
+    name = re.split(r"[/\\]", name)[-1][:MAX_FILE_NAME]     # a name, never a path
+    if name not in ("", ".", ".."):
+        part["name"] = name
+    return part
+
+
+def replied_id(message: Any) -> str | None:
+    """The Secral mail a message answers: In-Reply-To, else the last of its References."""
+    for field, pick in (("In-Reply-To", 0), ("References", -1)):
+        found = SECRAL_MESSAGE_ID.findall(str(message.get(field, "")))
+        if found:
+            return found[pick]
+    return None
+
+
+def display_name(message: Any, field: str) -> str | None:
+    """The display name a client wrote beside an address, kept by the sender."""
+    with contextlib.suppress(Exception):        # (a header the parser cannot read has none)
+        addresses = message[field].addresses
+        return header_text(addresses[0].display_name)[:MAX_SUBJECT] or None
+    return None
 
 
 class MailClientHandler(socketserver.StreamRequestHandler):
@@ -4883,8 +5087,9 @@ class SmtpHandler(MailClientHandler):
     def _submit(self, data: bytes) -> str:
         shell: NodeShell = self.server.shell
         try:
-            subject, body = parse_submission(data)
-            mail_id = shell.call("submit", self.user, self.recipient, subject, body)
+            mail = parse_submission(data)
+            mail_id = shell.call("submit", self.user, self.recipient, mail["subject"], mail["body"],
+                                 parts=mail["parts"], in_reply_to=mail["in_reply_to"], local=mail["local"])
         except SecralError as exc:
             if exc.code == "too_large":
                 return f"552 5.3.4 {exc.message}"
@@ -4960,7 +5165,8 @@ class Pop3Handler(MailClientHandler):
             contacts = {parse_address(c["address"]).key: c["name"] for c in shell.stores.contacts.values()}
             entries = sorted(((k, e) for k, e in shell.stores.inbox.items() if e["user"] == user),
                              key=lambda ke: (ke[1]["received"], ke[0]))
-        return [(key, message_of(e, contacts.get(Address(*e["from"].split("@")).key))) for key, e in entries]
+        return [(key, message_of(e, from_name=contacts.get(Address(*e["from"].split("@")).key)))
+                for key, e in entries]
 
     def _live(self) -> list[int]:
         return [i for i in range(len(self.messages)) if i not in self.deleted]
@@ -5023,6 +5229,1309 @@ class Pop3Handler(MailClientHandler):
 
     def pop_NOOP(self, arg: str) -> None:
         self.send("+OK")
+
+
+# -- IMAP: the grammar (RFC 3501 section 9) --------------------------------------
+# So that Thunderbird, phones and every device of a user share one mailbox:
+# IMAP4rev1 with IDLE, UIDPLUS, MOVE, UNSELECT, SPECIAL-USE and SASL-IR, over
+# the same stores the node uses.  A command is read whole (its lines and
+# literals, each bounded) before it is parsed; anything the grammar does not
+# allow is answered BAD, and the session goes on.
+
+IMAP_LINE = 65536               # bytes in one line of a command (a UID set can be long)
+IMAP_LITERAL = 65536            # bytes in one literal, but APPEND's message (MAIL_MESSAGE)
+IMAP_DEPTH = 8                  # nested parentheses in a command
+IMAP_TIMEOUT = 1800             # seconds a client may stay silent (RFC 3501 5.4: at least 30 minutes)
+IMAP_IDLE_POLL = 0.25           # seconds between looks at the mailbox during IDLE
+IMAP_RENDERED = 64              # rendered messages a session keeps at hand
+IMAP_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")   # all kept, no keywords
+IMAP_FOLDERS = {"INBOX": "", "Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash"}   # name -> use
+IMAP_CAPABILITIES = ("IMAP4rev1 AUTH=PLAIN SASL-IR IDLE UIDPLUS MOVE UNSELECT SPECIAL-USE "
+                     "LITERAL- ENABLE")
+
+
+class ImapError(Exception):
+    """A command the session answers with `status` (NO or BAD) and `text`."""
+
+    def __init__(self, status: str, text: str, tag: str | None = None):
+        super().__init__(text)
+        self.status, self.text, self.tag = status, text, tag
+
+
+def imap_bad(text: str) -> ImapError:
+    return ImapError("BAD", text)
+
+
+def imap_no(text: str) -> ImapError:
+    return ImapError("NO", text)
+
+
+class Atom(str):
+    """A bare word of a command (an atom), as opposed to a quoted string."""
+
+
+class ImapReader:
+    """Reads one command: its first line, and for each literal `{n}` at a
+    line's end a continuation request, n bytes, and the next line (RFC 3501
+    7.5).  Returns the pieces: text lines (bytes) and literals (bytearray)."""
+
+    def __init__(self, rfile: Any, send: Callable[[str], None]):
+        self.rfile, self.send = rfile, send
+
+    def line(self) -> bytes | None:
+        line = self.rfile.readline(IMAP_LINE + 1)
+        if not line:
+            return None
+        if not line.endswith(b"\n"):
+            raise ConnectionError("a command line past the limit")     # no way to find the next one
+        return line.rstrip(b"\r\n")
+
+    def read(self) -> list | None:
+        pieces: list = []
+        line = self.line()
+        while line is not None:
+            literal = re.search(rb"\{([0-9]{1,10})\}$", line)
+            if literal is None:
+                return pieces + [line]
+            size = int(literal.group(1))
+            limit = MAIL_MESSAGE if re.match(rb"\S+ +(UID +)?APPEND ", line, re.IGNORECASE) else IMAP_LITERAL
+            if size > limit:                    # refused before the client sends it (no "+")
+                first = pieces[0] if pieces else line
+                raise ImapError("NO", f"[TOOBIG] a literal of {size} bytes; the limit is {limit}",
+                                first.split(b" ", 1)[0].decode("ascii", "replace"))
+            self.send("+ Ready for literal data")
+            data = self.rfile.read(size)
+            if len(data) < size:
+                return None
+            pieces += [line[:literal.start()], bytearray(data)]
+            line = self.line()
+        return None
+
+
+def imap_tokens(pieces: list) -> list:
+    """The pieces of a command as tokens: Atom, str (quoted), bytes (literal),
+    and lists for parentheses.  An atom may hold a bracketed section with
+    spaces (BODY[HEADER.FIELDS (FROM TO)]<0.100>), as FETCH needs."""
+    stack: list[list] = [[]]
+    for piece in pieces:
+        if isinstance(piece, bytearray):
+            stack[-1].append(bytes(piece))
+            continue
+        try:
+            text = piece.decode("utf-8")
+        except UnicodeDecodeError:
+            raise imap_bad("a command must be UTF-8") from None
+        i = 0
+        while i < len(text):
+            c = text[i]
+            if c == " ":
+                i += 1
+            elif c == "(":
+                if len(stack) > IMAP_DEPTH:
+                    raise imap_bad("too deeply nested")
+                stack.append([])
+                i += 1
+            elif c == ")":
+                if len(stack) == 1:
+                    raise imap_bad("unbalanced parenthesis")
+                done = stack.pop()
+                stack[-1].append(done)
+                i += 1
+            elif c == '"':
+                value, i = _quoted(text, i)
+                stack[-1].append(value)
+            else:
+                value, i = _atom(text, i)
+                stack[-1].append(Atom(value))
+    if len(stack) != 1:
+        raise imap_bad("unbalanced parenthesis")
+    return stack[0]
+
+
+def _quoted(text: str, i: int) -> tuple[str, int]:
+    """A quoted string from text[i] == '"': only \\" and \\\\ are escapes."""
+    out, i = [], i + 1
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            return "".join(out), i + 1
+        if c == "\\":
+            if i + 1 >= len(text) or text[i + 1] not in '"\\':
+                raise imap_bad("a bad escape in a quoted string")
+            c, i = text[i + 1], i + 1
+        elif ord(c) < 0x20 or c == "\x7f":
+            raise imap_bad("a control character in a quoted string")
+        out.append(c)
+        i += 1
+    raise imap_bad("an unterminated quoted string")
+
+
+def _atom(text: str, i: int) -> tuple[str, int]:
+    start, depth = i, 0
+    while i < len(text):
+        c = text[i]
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+            if depth < 0:
+                raise imap_bad("an unbalanced bracket")
+        elif depth == 0 and c in ' ()"':
+            break
+        elif ord(c) < 0x20 or c in "{\x7f":
+            raise imap_bad(f"{c!r} cannot appear in an atom")
+        i += 1
+    if depth:
+        raise imap_bad("an unterminated bracket")
+    return text[start:i], i
+
+
+def imap_text(token: Any, what: str) -> str:
+    """An astring (an atom, a quoted string or a literal) as text."""
+    if isinstance(token, bytes):
+        try:
+            return token.decode("utf-8")
+        except UnicodeDecodeError:
+            raise imap_bad(f"{what} must be UTF-8") from None
+    if not isinstance(token, str):
+        raise imap_bad(f"{what} must be a string")
+    return str(token)
+
+
+def imap_atom(token: Any, what: str) -> str:
+    if not isinstance(token, Atom):
+        raise imap_bad(f"{what} must be an atom")
+    return token.upper()
+
+
+SEQUENCE_SET = re.compile(r"(\*|[1-9][0-9]{0,9})(:(\*|[1-9][0-9]{0,9}))?(,(\*|[1-9][0-9]{0,9})(:(\*|[1-9][0-9]{0,9}))?)*")
+
+
+def sequence_set(token: Any) -> list[tuple[int | None, int | None]]:
+    """A sequence set (RFC 3501 9: sequence-set) as ranges; None is "*"."""
+    if not isinstance(token, Atom) or not SEQUENCE_SET.fullmatch(token):
+        raise imap_bad("not a sequence set")
+    ranges = []
+    for item in token.split(","):
+        low, _, high = item.partition(":")
+        number = (lambda s: None if s == "*" else int(s))
+        ranges.append((number(low), number(high or low)))
+    return ranges
+
+
+def in_sequence_set(ranges: list, value: int, largest: int) -> bool:
+    """Whether `value` is in the set, "*" being `largest` (a:b is b:a too)."""
+    for low, high in ranges:
+        low, high = (largest if low is None else low), (largest if high is None else high)
+        if min(low, high) <= value <= max(low, high):
+            return True
+    return False
+
+
+def imap_string(value: str | bytes | None) -> bytes:
+    """A value as an IMAP nstring: NIL, a quoted string, or a literal for
+    what a quoted string cannot hold (line breaks, 8-bit bytes)."""
+    if value is None:
+        return b"NIL"
+    data = value.encode("utf-8", "replace") if isinstance(value, str) else value
+    if data.isascii() and len(data) < 1000 and not re.search(rb"[\x00-\x1f\x7f]", data):
+        return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b"{%d}\r\n" % len(data) + data
+
+
+def imap_list(items: Sequence[bytes]) -> bytes:
+    return b"(" + b" ".join(items) + b")" if items else b"NIL"
+
+
+IMAP_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def imap_date_time(when: float) -> str:
+    """INTERNALDATE's form, in UTC: "02-Dec-2026 21:55:00 +0000"."""
+    t = time.gmtime(when)
+    return f"{t.tm_mday:02d}-{IMAP_MONTHS[t.tm_mon - 1]}-{t.tm_year} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+
+
+def imap_parse_date(token: Any, with_time: bool = False) -> int:
+    """A date (SEARCH: "1-Feb-2026") or an APPEND date-time, as Unix time."""
+    text = imap_text(token, "a date").strip()
+    pattern = (r"( ?[0-9]{1,2})-([A-Za-z]{3})-([0-9]{4}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) ([+-])([0-9]{2})([0-9]{2})"
+               if with_time else r"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})")
+    match = re.fullmatch(pattern, text)
+    months = [m.lower() for m in IMAP_MONTHS]
+    if not match or match.group(2).lower() not in months:
+        raise imap_bad(f"not a date: {text[:40]!r}")
+    day, month, year = int(match.group(1)), months.index(match.group(2).lower()) + 1, int(match.group(3))
+    try:
+        if not with_time:
+            return calendar.timegm((year, month, day, 0, 0, 0))
+        hour, minute, second = (int(match.group(n)) for n in (4, 5, 6))
+        offset = (int(match.group(8)) * 60 + int(match.group(9))) * 60 * (1 if match.group(7) == "+" else -1)
+        datetime_check = time.strptime(f"{year}-{month}-{day} {hour}:{minute}:{second}", "%Y-%m-%d %H:%M:%S")
+        return calendar.timegm(datetime_check) - offset
+    except (ValueError, OverflowError):
+        raise imap_bad(f"not a date: {text[:40]!r}") from None
+
+
+class MimeEntity:
+    """One entity of a message as IMAP addresses it (RFC 3501 6.4.5, 7.4.2):
+    its header and body bytes, exactly as served, and its children: the
+    parts of a multipart, the message inside a message/rfc822."""
+
+    def __init__(self, raw: bytes, default_type: str = "text/plain", depth: int = 0):
+        import email.parser
+        import email.policy
+        end = raw.find(b"\r\n\r\n")
+        if raw.startswith(b"\r\n"):
+            end = -2                            # no header at all
+        self.header, self.body = (raw[:end + 4], raw[end + 4:]) if end != -1 else (raw, b"")
+        self.fields = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(self.header)
+        if "content-type" not in self.fields:
+            self.fields.set_default_type(default_type)
+        self.type = self.fields.get_content_type()
+        self.parts: list[MimeEntity] = []      # a multipart's children
+        self.message: MimeEntity | None = None  # a message/rfc822's message
+        if depth > IMAP_DEPTH:
+            return                              # deeper than anyone nests: served as a leaf
+        boundary = self.fields.get_boundary()
+        if self.type.startswith("multipart/") and boundary:
+            child_type = "message/rfc822" if self.type == "multipart/digest" else "text/plain"
+            self.parts = [MimeEntity(p, child_type, depth + 1) for p in self._split(boundary)]
+        elif self.type == "message/rfc822":
+            self.message = MimeEntity(self.body, "text/plain", depth + 1)
+
+    def _split(self, boundary: str) -> list[bytes]:
+        """The parts between the delimiter lines (RFC 2046 5.1.1)."""
+        delimiter = re.compile(rb"(?:^|\r\n)--" + re.escape(boundary.encode("utf-8", "replace"))
+                               + rb"(--)?[ \t]*(?:\r\n|$)")
+        parts, start = [], None
+        for match in delimiter.finditer(self.body):
+            if start is not None:
+                parts.append(self.body[start:match.start()])
+            if match.group(1):
+                break
+            start = match.end()
+        return parts
+
+    @property
+    def is_multipart(self) -> bool:
+        return bool(self.parts)
+
+    def part(self, path: Sequence[int]) -> "MimeEntity":
+        """The entity a part number names (1.2.3): numbers inside a
+        message/rfc822 count the parts of the message it holds."""
+        entity: MimeEntity = self
+        for n, number in enumerate(path):
+            if n and entity.message is not None:
+                entity = entity.message
+            if entity.is_multipart and 1 <= number <= len(entity.parts):
+                entity = entity.parts[number - 1]
+            elif not entity.is_multipart and number == 1:
+                pass                            # a one-part message's part 1 is its body
+            else:
+                raise imap_no("no such body part")
+        return entity
+
+    def section(self, path: Sequence[int], text: str, fields: Sequence[str]) -> bytes:
+        """The bytes of BODY[section] (RFC 3501 6.4.5 FETCH)."""
+        entity = self.part(path) if path else self
+        if not text:
+            return (entity.header + entity.body) if not path else entity.body
+        if text == "MIME":
+            return entity.header
+        if path:                                # HEADER and TEXT of a part: of the message it holds
+            if entity.message is None:
+                raise imap_no(f"part {'.'.join(map(str, path))} is not a message")
+            entity = entity.message
+        if text == "TEXT":
+            return entity.body
+        if text == "HEADER":
+            return entity.header
+        wanted = {f.lower() for f in fields}
+        keep = (lambda name: name in wanted) if text == "HEADER.FIELDS" else (lambda name: name not in wanted)
+        return b"".join(field for name, field in entity.header_fields() if keep(name)) + b"\r\n"
+
+    def header_fields(self) -> list[tuple[str, bytes]]:
+        """Each header field with its continuation lines, and its lowercase name."""
+        fields: list[tuple[str, bytes]] = []
+        for line in self.header.splitlines(keepends=True):
+            if line[:1] in (b" ", b"\t") and fields:
+                fields[-1] = (fields[-1][0], fields[-1][1] + line)
+            elif b":" in line:
+                fields.append((line.split(b":", 1)[0].strip().decode("ascii", "replace").lower(), line))
+        return fields
+
+    # -- BODYSTRUCTURE and ENVELOPE (RFC 3501 7.4.2) ------------------------------
+
+    def structure(self, extended: bool = True) -> bytes:
+        if self.is_multipart:
+            out = b"".join(p.structure(extended) for p in self.parts)
+            out += b" " + imap_string(self.type.partition("/")[2])
+            if extended:
+                out += b" " + self._params() + b" " + self._disposition() + b" NIL"
+            return b"(" + out + b")"
+        maintype, _, subtype = self.type.partition("/")
+        fields = [imap_string(maintype), imap_string(subtype), self._params(),
+                  imap_string(self._field("content-id")), imap_string(self._field("content-description")),
+                  imap_string((self._field("content-transfer-encoding") or "7bit").lower()),
+                  str(len(self.body)).encode()]
+        if self.type == "message/rfc822" and self.message is not None:
+            fields += [self.message.envelope(), self.message.structure(extended),
+                       str(self.body.count(b"\n")).encode()]
+        elif maintype == "text":
+            fields.append(str(self.body.count(b"\n")).encode())
+        if extended:
+            fields += [b"NIL", self._disposition(), b"NIL"]
+        return b"(" + b" ".join(fields) + b")"
+
+    def _field(self, name: str) -> str | None:
+        value = self.fields.get(name)
+        return None if value is None else re.sub(r"\r?\n[ \t]*", " ", str(value)).strip()
+
+    def _params(self) -> bytes:
+        params = self.fields.get_params(header="content-type") or []
+        return imap_list([imap_string(str(k)) + b" " + imap_string(email_param(v)) for k, v in params[1:]])
+
+    def _disposition(self) -> bytes:
+        params = self.fields.get_params(header="content-disposition")
+        if not params:
+            return b"NIL"
+        kind = params[0][0]
+        rest = imap_list([imap_string(str(k)) + b" " + imap_string(email_param(v)) for k, v in params[1:]])
+        return b"(" + imap_string(kind) + b" " + rest + b")"
+
+    def envelope(self) -> bytes:
+        def addresses(name: str, default: str | None = None) -> bytes:
+            import email.utils
+            values = self.fields.get_all(name) or ([] if default is None else self.fields.get_all(default) or [])
+            pairs = email.utils.getaddresses([re.sub(r"\r?\n[ \t]*", " ", str(v)) for v in values])
+            items = []
+            for display, address in pairs:
+                if not address:
+                    continue
+                mailbox, at, host = address.rpartition("@")
+                items.append(imap_list([imap_string(display or None), b"NIL",
+                                        imap_string(mailbox if at else address), imap_string(host if at else None)]))
+            return imap_list(items)
+        return imap_list([imap_string(self._field("date")), imap_string(self._field("subject")),
+                          addresses("from"), addresses("sender", "from"), addresses("reply-to", "from"),
+                          addresses("to"), addresses("cc"), addresses("bcc"),
+                          imap_string(self._field("in-reply-to")), imap_string(self._field("message-id"))])
+
+
+def email_param(value: Any) -> str:
+    """A header parameter's value as text (RFC 2231 values come as a tuple)."""
+    import email.utils
+    return email.utils.collapse_rfc2231_value(value) if isinstance(value, tuple) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderMessage:
+    """One message of a folder as a session sees it: where it is stored
+    (store, key), its UID, flags and INTERNALDATE."""
+    uid: int
+    store: str                                  # "inbox", "outbox" or "folders"
+    key: str
+    flags: frozenset
+    date: int
+
+
+class Folders:
+    """A user's IMAP folders over the node's stores (Appendix B).  INBOX is
+    the user's part of the inbox store, Sent their part of the outbox (what
+    they sent from any client or the CLI), and every folder also holds the
+    messages clients appended or copied there (the `folders` store, which
+    also keeps each folder's UIDVALIDITY and next UID).  A mail's UID and
+    flags live in its inbox or outbox entry, so every client and `secral.py
+    inbox` share them: \\Seen is the entry's `unread` turned round."""
+
+    def __init__(self, shell: "NodeShell", user: str):
+        self.shell, self.user = shell, user
+        self.rendered: collections.OrderedDict[tuple[str, str], bytes] = collections.OrderedDict()
+
+    @property
+    def stores(self) -> Stores:
+        return self.shell.stores
+
+    @staticmethod
+    def name(folder: str) -> str | None:
+        """The folder's own spelling (INBOX is case-insensitive), or None."""
+        if folder.upper() == "INBOX":
+            return "INBOX"
+        return folder if folder in IMAP_FOLDERS else None
+
+    def meta(self, folder: str) -> dict:
+        """The folder's UIDVALIDITY and next UID, made on first use."""
+        key = f"{self.user}/{folder}"
+        meta = self.stores.folders.get(key)
+        if meta is None:
+            meta = {"uidvalidity": int(time.time()) & 0x7FFFFFFF or 1, "uidnext": 1}
+            self.stores.folders[key] = meta
+        return meta
+
+    def messages(self, folder: str) -> list[FolderMessage]:
+        """The folder's messages by UID; mail new to IMAP gets its UID now.
+        Call with the shell's lock held."""
+        meta = self.meta(folder)
+        found: list[FolderMessage] = []
+        fresh: list[tuple[tuple, str, str, dict]] = []
+        for store, key, entry in self._entries(folder):
+            if "uid" in entry:
+                found.append(self._message(store, key, entry))
+            else:
+                fresh.append(((entry.get("received", entry.get("created", 0)), key), store, key, entry))
+        if fresh:
+            with self.stores.group():
+                for _, store, key, entry in sorted(fresh):
+                    entry["uid"], meta["uidnext"] = meta["uidnext"], meta["uidnext"] + 1
+                    getattr(self.stores, store)[key] = entry
+                    found.append(self._message(store, key, entry))
+                self.stores.folders[f"{self.user}/{folder}"] = meta
+        return sorted(found, key=lambda m: m.uid)
+
+    def _entries(self, folder: str) -> Iterator[tuple[str, str, dict]]:
+        if folder == "INBOX":
+            yield from (("inbox", k, e) for k, e in self.stores.inbox.items() if e.get("user") == self.user)
+        elif folder == "Sent":
+            yield from (("outbox", k, e) for k, e in self.stores.outbox.items()
+                        if not e.get("hidden") and parse_address(e["from"]).user.lower() == self.user)
+        prefix = f"{self.user}/{folder}/"
+        yield from (("folders", k, e) for k, e in self.stores.folders.items() if k.startswith(prefix))
+
+    @staticmethod
+    def _message(store: str, key: str, entry: dict) -> FolderMessage:
+        flags = set(entry.get("flags", ["\\Seen"] if store == "outbox" else []))
+        if store == "inbox":
+            flags.discard("\\Seen")
+            if not entry.get("unread"):
+                flags.add("\\Seen")
+        date = entry.get("date", entry.get("received", entry.get("created", 0)))
+        return FolderMessage(entry["uid"], store, key, frozenset(flags), int(date))
+
+    def changed(self) -> None:
+        """Wake every session in IDLE: this one changed a mailbox."""
+        self.shell.generation += 1
+        self.shell.changed.notify_all()
+
+    # -- the messages' bytes -----------------------------------------------------
+
+    def raw(self, message: FolderMessage) -> bytes:
+        """A message's bytes, the same every time (message_of)."""
+        cache_key = (message.store, message.key)
+        if cache_key in self.rendered:
+            self.rendered.move_to_end(cache_key)
+            return self.rendered[cache_key]
+        with self.shell.lock:
+            entry = getattr(self.stores, message.store).get(message.key)
+            contacts = {parse_address(c["address"]).key: c["name"] for c in self.stores.contacts.values()}
+        if entry is None:
+            raise imap_no("the message was deleted meanwhile")
+        if message.store == "folders":
+            data = base64.b64decode(entry["raw"])
+        elif message.store == "inbox":
+            data = message_of(entry, from_name=contacts.get(Address(*entry["from"].split("@")).key))
+        else:
+            data = message_of(entry, to_name=contacts.get(Address(*entry["to"].split("@")).key))
+        self.rendered[cache_key] = data
+        while len(self.rendered) > IMAP_RENDERED:
+            self.rendered.popitem(last=False)
+        return data
+
+    # -- changes -----------------------------------------------------------------
+
+    def store_flags(self, message: FolderMessage, flags: frozenset) -> FolderMessage:
+        """Set a message's flags (the shell's lock held); keywords are not kept."""
+        store = getattr(self.stores, message.store)
+        entry = store.get(message.key)
+        if entry is None:
+            return message
+        kept = sorted(f for f in flags if f in IMAP_FLAGS)
+        if message.store == "inbox":
+            entry["unread"] = "\\Seen" not in kept
+            kept.remove("\\Seen") if "\\Seen" in kept else None
+        entry["flags"] = kept
+        store[message.key] = entry
+        return self._message(message.store, message.key, entry)
+
+    def expunge(self, message: FolderMessage) -> None:
+        """Remove one message (the shell's lock held).  A received mail goes
+        as `inbox_delete` takes it (its ack stays, 7.4); a sent one leaves
+        Sent, and the outbox too once nothing waits for its ack."""
+        if message.store == "outbox":
+            entry = self.stores.outbox.get(message.key)
+            if entry is not None and entry["status"] in OUTBOX_WAITING:
+                entry["hidden"] = True
+                self.stores.outbox[message.key] = entry
+                return
+        getattr(self.stores, message.store).pop(message.key, None)
+
+    def append(self, folder: str, data: bytes, flags: frozenset, date: int) -> int:
+        """Add a message a client appended or copied (the shell's lock held).
+        A client's copy of what it just sent through SMTP is the mail in Sent
+        already (by its Message-ID): it is not kept twice."""
+        if folder == "Sent":
+            sent = self._sent_copy(data)
+            if sent is not None:
+                return sent
+        meta = self.meta(folder)
+        uid, meta["uidnext"] = meta["uidnext"], meta["uidnext"] + 1
+        with self.stores.group():
+            self.stores.folders[f"{self.user}/{folder}/{uid}"] = {
+                "uid": uid, "raw": b64e(data), "flags": sorted(f for f in flags if f in IMAP_FLAGS), "date": date}
+            self.stores.folders[f"{self.user}/{folder}"] = meta
+        return uid
+
+    def _sent_copy(self, data: bytes) -> int | None:
+        match = re.search(rb"^message-id:[ \t]*(<[^>\r\n]{1,995}>)", data.split(b"\r\n\r\n", 1)[0],
+                          re.IGNORECASE | re.MULTILINE)
+        if match is None:
+            return None
+        wanted = match.group(1).decode("utf-8", "replace")
+        for message in self.messages("Sent"):
+            entry = self.stores.outbox.get(message.key) if message.store == "outbox" else None
+            if entry is not None and wanted in (entry.get("message_id"),
+                                                message_id(entry["id"], self.shell.identity.domain)):
+                return message.uid
+        return None
+
+
+class SearchCandidate:
+    """One message as SEARCH looks at it; its bytes are rendered only if a key needs them."""
+
+    def __init__(self, seq: int, message: FolderMessage, folders: Folders):
+        self.seq, self.message, self.folders = seq, message, folders
+
+    @functools.cached_property
+    def raw(self) -> bytes:
+        return self.folders.raw(self.message)
+
+    @functools.cached_property
+    def parsed(self) -> Any:
+        import email.parser
+        import email.policy
+        return email.parser.BytesParser(policy=email.policy.default).parsebytes(self.raw)
+
+    def header(self, name: str) -> str:
+        with contextlib.suppress(Exception):    # (a header the parser cannot read matches nothing)
+            return " ".join(str(v) for v in self.parsed.get_all(name, []))
+        return ""
+
+    @functools.cached_property
+    def text(self) -> str:
+        texts = []
+        for leaf in mime_leaves(self.parsed):
+            if leaf.get_content_maintype() == "text":
+                with contextlib.suppress(Exception):
+                    texts.append(leaf.get_content())
+        return "\n".join(texts)
+
+    def sent(self) -> int:
+        import email.utils
+        with contextlib.suppress(Exception):
+            return int(email.utils.parsedate_to_datetime(self.header("date")).timestamp())
+        return self.message.date
+
+
+Test = Callable[[SearchCandidate], bool]
+
+
+class ImapSearch:
+    """The search keys of RFC 3501 6.4.4, parsed once into one test."""
+
+    FLAG_KEYS = {"ANSWERED": ("\\Answered", True), "DELETED": ("\\Deleted", True), "DRAFT": ("\\Draft", True),
+                 "FLAGGED": ("\\Flagged", True), "SEEN": ("\\Seen", True), "UNANSWERED": ("\\Answered", False),
+                 "UNDELETED": ("\\Deleted", False), "UNDRAFT": ("\\Draft", False),
+                 "UNFLAGGED": ("\\Flagged", False), "UNSEEN": ("\\Seen", False)}
+    HEADER_KEYS = ("BCC", "CC", "FROM", "SUBJECT", "TO")
+    DAY = 86400
+
+    def __init__(self, tokens: list, largest_seq: int, largest_uid: int):
+        self.tokens, self.largest_seq, self.largest_uid = list(tokens), largest_seq, largest_uid
+        self.test = self.all_of(self.tokens)
+
+    def all_of(self, tokens: list) -> Test:
+        if not tokens:
+            raise imap_bad("a search needs a key")
+        queue = collections.deque(tokens)
+        tests = []
+        while queue:
+            tests.append(self.key(queue))
+        return lambda c: all(t(c) for t in tests)
+
+    def key(self, queue: collections.deque) -> Test:
+        token = queue.popleft()
+        if isinstance(token, list):
+            return self.all_of(token)
+        if isinstance(token, Atom) and SEQUENCE_SET.fullmatch(token):
+            ranges = sequence_set(token)
+            return lambda c: in_sequence_set(ranges, c.seq, self.largest_seq)
+        word = imap_atom(token, "a search key")
+        arg = (lambda what: self._arg(queue, what))
+        if word in ("ALL", "OLD"):
+            return lambda c: True
+        if word in ("NEW", "RECENT"):           # nothing is \Recent here
+            return lambda c: False
+        if word in self.FLAG_KEYS:
+            flag, wanted = self.FLAG_KEYS[word]
+            return lambda c: (flag in c.message.flags) == wanted
+        if word in ("KEYWORD", "UNKEYWORD"):    # no keyword is ever kept
+            arg("a keyword")
+            return lambda c: word == "UNKEYWORD"
+        if word in self.HEADER_KEYS:
+            needle = imap_text(arg("a string"), word).lower()
+            return lambda c: needle in c.header(word).lower()
+        if word == "HEADER":
+            name, needle = imap_text(arg("a field name"), word), imap_text(arg("a string"), word).lower()
+            return lambda c: (name.lower() in (k.lower() for k in c.parsed.keys())
+                              and needle in c.header(name).lower())
+        if word == "BODY":
+            needle = imap_text(arg("a string"), word).lower()
+            return lambda c: needle in c.text.lower()
+        if word == "TEXT":
+            needle = imap_text(arg("a string"), word).lower()
+            return lambda c: needle in c.text.lower() or needle in c.raw.decode("utf-8", "replace").lower()
+        if word in ("BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"):
+            return self._date(word, imap_parse_date(arg("a date")))
+        if word in ("LARGER", "SMALLER"):
+            size = arg("a number")
+            if not (isinstance(size, Atom) and re.fullmatch(r"[0-9]{1,10}", size)):
+                raise imap_bad(f"{word} needs a number")
+            return (lambda c: len(c.raw) > int(size)) if word == "LARGER" else (lambda c: len(c.raw) < int(size))
+        if word == "UID":
+            ranges = sequence_set(arg("a UID set"))
+            return lambda c: in_sequence_set(ranges, c.message.uid, self.largest_uid)
+        if word == "NOT":
+            if not queue:
+                raise imap_bad("NOT needs a key")
+            inner = self.key(queue)
+            return lambda c: not inner(c)
+        if word == "OR":
+            if len(queue) < 2:
+                raise imap_bad("OR needs two keys")
+            first = self.key(queue)
+            if not queue:
+                raise imap_bad("OR needs two keys")
+            second = self.key(queue)
+            return lambda c: first(c) or second(c)
+        raise imap_bad(f"unknown search key {word[:20]}")
+
+    @staticmethod
+    def _arg(queue: collections.deque, what: str) -> Any:
+        if not queue:
+            raise imap_bad(f"the search key needs {what}")
+        return queue.popleft()
+
+    def _date(self, word: str, day: int) -> Test:
+        when = (lambda c: c.sent()) if word.startswith("SENT") else (lambda c: c.message.date)
+        if word.endswith("BEFORE"):
+            return lambda c: when(c) < day
+        if word.endswith("ON"):
+            return lambda c: day <= when(c) < day + self.DAY
+        return lambda c: when(c) >= day
+
+
+FETCH_MACROS = {"ALL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"],
+                "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"],
+                "FULL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"]}
+FETCH_PLAIN = ("FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE", "BODY",
+               "RFC822", "RFC822.HEADER", "RFC822.TEXT")
+FETCH_SECTION = re.compile(r"(BODY|BODY\.PEEK)\[([^\]]*)\](?:<([0-9]{1,10})\.([0-9]{1,10})>)?", re.IGNORECASE)
+
+
+@dataclasses.dataclass
+class FetchItem:
+    """One data item of a FETCH: its name in the reply and how to make it."""
+    label: str                                  # as it appears in the reply
+    kind: str                                   # FETCH_PLAIN's name, or "SECTION"
+    path: tuple = ()
+    text: str = ""                              # HEADER, HEADER.FIELDS[.NOT], TEXT, MIME or ""
+    fields: tuple = ()
+    partial: tuple[int, int] | None = None
+    sets_seen: bool = False
+
+
+def fetch_items(token: Any, uid: bool) -> list[FetchItem]:
+    """The data items a FETCH asks for (RFC 3501 6.4.5); UID FETCH always answers UID."""
+    names = FETCH_MACROS.get(token.upper(), [token]) if isinstance(token, Atom) else token
+    if not isinstance(names, list) or not names:
+        raise imap_bad("FETCH needs data items")
+    items = [fetch_item(name) for name in names]
+    if uid and not any(i.kind == "UID" for i in items):
+        items.insert(0, FetchItem("UID", "UID"))
+    return items
+
+
+def fetch_item(token: Any) -> FetchItem:
+    if not isinstance(token, Atom):
+        raise imap_bad("a FETCH data item is an atom")
+    word = token.upper()
+    if word in FETCH_PLAIN:
+        return FetchItem(word, word, sets_seen=word in ("RFC822", "RFC822.TEXT"))
+    match = FETCH_SECTION.fullmatch(token)
+    if match is None:
+        raise imap_bad(f"unknown FETCH data item {token[:40]}")
+    path, text, fields = parse_section(match.group(2))
+    partial = (int(match.group(3)), int(match.group(4))) if match.group(3) is not None else None
+    label = f"BODY[{match.group(2)}]" + (f"<{partial[0]}>" if partial else "")
+    return FetchItem(label, "SECTION", tuple(path), text, tuple(fields), partial,
+                     sets_seen=match.group(1).upper() == "BODY")
+
+
+def parse_section(spec: str) -> tuple[list[int], str, list[str]]:
+    """A section spec: part numbers, then HEADER, HEADER.FIELDS (...), TEXT or MIME."""
+    head, _, rest = spec.partition(" ")
+    words = head.split(".") if head else []
+    path = []
+    while words and re.fullmatch(r"[1-9][0-9]{0,5}", words[0]):
+        path.append(int(words.pop(0)))
+    text = ".".join(words).upper()
+    if text not in ("", "HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT", "MIME") or (
+            text == "MIME" and not path):
+        raise imap_bad(f"not a section: {spec[:60]}")
+    if not text.startswith("HEADER.FIELDS"):
+        if rest:
+            raise imap_bad(f"not a section: {spec[:60]}")
+        return path, text, []
+    tokens = imap_tokens([rest.encode()])
+    if len(tokens) != 1 or not isinstance(tokens[0], list) or not tokens[0]:
+        raise imap_bad("HEADER.FIELDS needs a list of field names")
+    fields = [imap_text(n, "a field name") for n in tokens[0]]
+    if not all(re.fullmatch(r"[!-9;-~]+", f) for f in fields):
+        raise imap_bad("not a field name")
+    return path, text, fields
+
+
+class ImapSelected:
+    """The commands of IMAP's selected state (RFC 3501 6.4) and how a session
+    keeps its view of the selected folder: `view` holds the UIDs by message
+    sequence number, `known` the flags last reported.  Changes made by other
+    sessions, the CLI or new mail are reported by sync(): EXISTS and flag
+    changes at any command, EXPUNGE only where RFC 3501 7.4.1 allows it."""
+
+    folders: Folders
+    selected: str | None
+    readonly: bool
+    view: list[int]
+    known: dict[int, FolderMessage]
+    shell: "NodeShell"
+    send: Callable[[str], None]
+    wfile: Any
+
+    def sync(self, expunges: bool = True) -> None:
+        with self.shell.lock:
+            current = {m.uid: m for m in self.folders.messages(self.selected)}
+        if expunges:
+            for seq in range(len(self.view), 0, -1):
+                if self.view[seq - 1] not in current:
+                    self.known.pop(self.view.pop(seq - 1), None)
+                    self.send(f"* {seq} EXPUNGE")
+        top = self.view[-1] if self.view else 0
+        new = sorted(uid for uid in current if uid > top)
+        if new:
+            self.view += new
+            self.send(f"* {len(self.view)} EXISTS")
+        for seq, uid in enumerate(self.view, 1):
+            message = current.get(uid)
+            if message is None:
+                continue
+            if uid in self.known and self.known[uid].flags != message.flags:
+                self.send(f"* {seq} FETCH (UID {uid} FLAGS ({' '.join(sorted(message.flags))}))")
+            self.known[uid] = message
+
+    def targets(self, token: Any, uid: bool) -> list[tuple[int, FolderMessage]]:
+        """The messages a sequence set names, with their sequence numbers.
+        A message another session expunged meanwhile is left out."""
+        ranges = sequence_set(token)
+        with self.shell.lock:
+            current = {m.uid: m for m in self.folders.messages(self.selected)}
+        if uid:
+            largest = self.view[-1] if self.view else 0
+            return [(seq, current[u]) for seq, u in enumerate(self.view, 1)
+                    if u in current and in_sequence_set(ranges, u, largest)]
+        if any(n is not None and n > len(self.view) for pair in ranges for n in pair) or not self.view:
+            raise imap_bad("no such message")
+        return [(seq, current[u]) for seq, u in enumerate(self.view, 1)
+                if u in current and in_sequence_set(ranges, seq, len(self.view))]
+
+    # -- FETCH (6.4.5) --------------------------------------------------------------
+
+    def fetch(self, args: list, uid: bool) -> str:
+        if len(args) != 2:
+            raise imap_bad("FETCH needs a sequence set and data items")
+        items = fetch_items(args[1], uid)
+        for seq, message in self.targets(args[0], uid):
+            if any(i.sets_seen for i in items) and not self.readonly and "\\Seen" not in message.flags:
+                with self.shell.lock:
+                    message = self.folders.store_flags(message, message.flags | {"\\Seen"})
+                    self.folders.changed()
+                self.known[message.uid] = message
+                if not any(i.kind == "FLAGS" for i in items):
+                    items = items + [FetchItem("FLAGS", "FLAGS")]
+            entity = None
+            values = []
+            for item in items:
+                if item.kind in ("ENVELOPE", "BODYSTRUCTURE", "BODY", "SECTION", "RFC822.HEADER",
+                                 "RFC822.TEXT") and entity is None:
+                    entity = MimeEntity(self.folders.raw(message))
+                values.append(item.label.encode() + b" " + self.fetch_value(item, message, entity))
+            self.wfile.write(f"* {seq} FETCH (".encode() + b" ".join(values) + b")\r\n")
+        return "FETCH completed"
+
+    def fetch_value(self, item: FetchItem, message: FolderMessage, entity: MimeEntity | None) -> bytes:
+        if item.kind == "FLAGS":
+            return f"({' '.join(sorted(message.flags))})".encode()
+        if item.kind == "UID":
+            return str(message.uid).encode()
+        if item.kind == "INTERNALDATE":
+            return imap_string(imap_date_time(message.date))
+        if item.kind in ("RFC822.SIZE", "RFC822"):
+            raw = self.folders.raw(message)
+            return str(len(raw)).encode() if item.kind == "RFC822.SIZE" else imap_string(raw)
+        assert entity is not None
+        if item.kind == "ENVELOPE":
+            return entity.envelope()
+        if item.kind in ("BODYSTRUCTURE", "BODY"):
+            return entity.structure(extended=item.kind == "BODYSTRUCTURE")
+        if item.kind == "RFC822.HEADER":
+            return imap_string(entity.header)
+        if item.kind == "RFC822.TEXT":
+            return imap_string(entity.body)
+        data = entity.section(item.path, item.text, item.fields)
+        if item.partial is not None:
+            data = data[item.partial[0]:item.partial[0] + item.partial[1]]
+        return imap_string(bytes(data))
+
+    # -- STORE, SEARCH, COPY and MOVE, EXPUNGE (6.4) --------------------------------
+
+    def store(self, args: list, uid: bool) -> str:
+        if len(args) != 3:
+            raise imap_bad("STORE needs a sequence set, an item and flags")
+        mode = re.fullmatch(r"([+-]?)FLAGS(\.SILENT)?", imap_atom(args[1], "a STORE item"))
+        if mode is None:
+            raise imap_bad("STORE takes FLAGS, +FLAGS or -FLAGS (.SILENT)")
+        flags = imap_flags(args[2])
+        if self.readonly:
+            raise imap_no("[READ-ONLY] the folder was opened with EXAMINE")
+        targets = self.targets(args[0], uid)
+        with self.shell.lock:
+            for n, (seq, message) in enumerate(targets):
+                new = {"": flags, "+": message.flags | flags, "-": message.flags - flags}[mode.group(1)]
+                targets[n] = (seq, self.folders.store_flags(message, frozenset(new)))
+                self.known[message.uid] = targets[n][1]
+            self.folders.changed()
+        if not mode.group(2):
+            for seq, message in targets:
+                self.send(f"* {seq} FETCH ({f'UID {message.uid} ' if uid else ''}"
+                          f"FLAGS ({' '.join(sorted(message.flags))}))")
+        return "STORE completed"
+
+    def search(self, args: list, uid: bool) -> str:
+        if len(args) >= 2 and isinstance(args[0], Atom) and args[0].upper() == "CHARSET":
+            if imap_text(args[1], "a charset").upper() not in ("UTF-8", "US-ASCII"):
+                raise imap_no("[BADCHARSET (UTF-8 US-ASCII)] only UTF-8 is searched")
+            args = args[2:]
+        largest = self.view[-1] if self.view else 0
+        test = ImapSearch(args, len(self.view), largest).test
+        with self.shell.lock:
+            current = {m.uid: m for m in self.folders.messages(self.selected)}
+        found = [str(u if uid else seq) for seq, u in enumerate(self.view, 1)
+                 if u in current and test(SearchCandidate(seq, current[u], self.folders))]
+        self.send(" ".join(["* SEARCH"] + found))
+        return "SEARCH completed"
+
+    def copy(self, args: list, uid: bool, move: bool = False) -> str:
+        if len(args) != 2:
+            raise imap_bad("COPY needs a sequence set and a folder")
+        folder = Folders.name(imap_text(args[1], "a folder"))
+        if folder is None:
+            raise imap_no("[TRYCREATE] no such folder")
+        if move and self.readonly:
+            raise imap_no("[READ-ONLY] the folder was opened with EXAMINE")
+        targets = self.targets(args[0], uid)
+        copies = [(message, self.folders.raw(message)) for _, message in targets]
+        with self.shell.lock:
+            new = [self.folders.append(folder, raw, message.flags, message.date) for message, raw in copies]
+            validity = self.folders.meta(folder)["uidvalidity"]
+            if move:
+                for message, _ in copies:
+                    self.folders.expunge(message)
+            self.folders.changed()
+        code = (f"[COPYUID {validity} {','.join(str(m.uid) for m, _ in copies)} {','.join(map(str, new))}]"
+                if copies else "")
+        if move:
+            if code:
+                self.send(f"* OK {code}")
+            self.sync(expunges=True)
+            return "MOVE completed"
+        return f"{code} COPY completed".strip()
+
+    def expunge(self, only: set[int] | None = None) -> None:
+        """Remove the messages flagged \\Deleted (of `only`, for UID EXPUNGE)."""
+        if self.readonly:
+            raise imap_no("[READ-ONLY] the folder was opened with EXAMINE")
+        with self.shell.lock:
+            for message in self.folders.messages(self.selected):
+                if "\\Deleted" in message.flags and (only is None or message.uid in only):
+                    self.folders.expunge(message)
+            self.folders.changed()
+
+
+def imap_flags(token: Any) -> frozenset:
+    """A flag list: the system flags, spelled as RFC 3501 does; keywords are
+    allowed and not kept (PERMANENTFLAGS says which are)."""
+    tokens = token if isinstance(token, list) else [token]
+    flags = set()
+    for flag in tokens:
+        if not isinstance(flag, Atom):
+            raise imap_bad("a flag is an atom")
+        spelled = {f.lower(): f for f in IMAP_FLAGS}.get(flag.lower())
+        if flag.startswith("\\") and spelled is None:
+            raise imap_bad(f"not a flag that can be stored: {flag[:20]}")
+        if spelled:
+            flags.add(spelled)
+    return frozenset(flags)
+
+
+IMAP_TAG = re.compile(r"[!#$&',\-./0-9:;<=>?@A-Z\[\]^_`a-z|}~]{1,64}")
+
+
+class ImapHandler(ImapSelected, MailClientHandler):
+    """IMAP4rev1 (RFC 3501) with IDLE (RFC 2177), UIDPLUS (RFC 4315), MOVE
+    (RFC 6851), UNSELECT (RFC 3691), SPECIAL-USE (RFC 6154) and SASL-IR
+    (RFC 4959): one session.  COMMANDS says which state allows what, and is
+    the one place that refuses a command out of turn.  Any number of
+    sessions may have a folder open; each sees what the others change."""
+
+    timeout = IMAP_TIMEOUT
+
+    def handle(self) -> None:
+        self.state, self.user, self.selected, self.readonly = "not_authenticated", None, None, False
+        self.view, self.known = [], {}
+        self.folders: Folders = None            # type: ignore[assignment]   (set at login)
+        self.shell = self.server.shell
+        reader = ImapReader(self.rfile, self.send)
+        try:
+            self.send(f"* OK [CAPABILITY {IMAP_CAPABILITIES}] Secral IMAP4rev1 ready")
+            while True:
+                try:
+                    pieces = reader.read()
+                except ImapError as exc:        # a literal too large, refused before it came
+                    self.send(f"{exc.tag} {exc.status} {exc.text}")
+                    continue
+                if pieces is None or self.command(pieces) is False:
+                    return
+        except (OSError, ValueError, ConnectionError):
+            pass                                # the client went away, or broke the line limit
+
+    def command(self, pieces: list) -> bool | None:
+        """Parse and run one command; any error is answered, never raised."""
+        first = pieces[0].split(b" ", 1)[0].decode("ascii", "replace") if pieces else ""
+        tag = first if IMAP_TAG.fullmatch(first) else "*"     # (for a command that does not parse)
+        try:
+            tokens = imap_tokens(pieces)
+            if not tokens or not isinstance(tokens[0], Atom) or not IMAP_TAG.fullmatch(tokens[0]):
+                raise imap_bad("a command starts with a tag")
+            tag = tokens[0]
+            if len(tokens) < 2 or not isinstance(tokens[1], Atom):
+                raise imap_bad("a command name follows the tag")
+            name, args = tokens[1].upper(), tokens[2:]
+            if name == "UID":
+                if not args or not isinstance(args[0], Atom) or args[0].upper() not in self.UID_COMMANDS:
+                    raise imap_bad("UID takes FETCH, STORE, SEARCH, COPY, MOVE or EXPUNGE")
+                name, args = "UID " + args[0].upper(), args[1:]
+            if name not in self.COMMANDS:
+                raise imap_bad(f"unknown command {name[:20]}")
+            handler, states = self.COMMANDS[name]
+            if self.state not in states:
+                raise imap_bad(f"{name} is not allowed {self.STATE_WORDS[self.state]}")
+            self.send(f"{tag} OK {handler(self, args)}")
+            if self.state == "logout":
+                return False
+        except ImapError as exc:
+            self.send(f"{tag} {exc.status} {exc.text}")
+        except SecralError as exc:
+            self.send(f"{tag} NO {exc.message}")
+        except (OSError, ConnectionError):
+            raise
+        except Exception:                       # a bug here must cost one command, not the session
+            log.exception("IMAP: unexpected error in a command")
+            self.send(f"{tag} NO [SERVERBUG] the command failed; the node's log says why")
+        return None
+
+    # -- any state (6.1) -------------------------------------------------------------
+
+    def imap_capability(self, args: list) -> str:
+        self.send(f"* CAPABILITY {IMAP_CAPABILITIES}")
+        return "CAPABILITY completed"
+
+    def imap_noop(self, args: list) -> str:
+        if self.state == "selected":
+            self.sync()
+        return "NOOP completed"
+
+    def imap_logout(self, args: list) -> str:
+        self.send("* BYE Secral IMAP4rev1 logging out")
+        self.state = "logout"                   # the tagged OK, then the end (RFC 3501 6.1.3)
+        return "LOGOUT completed"
+
+    # -- not authenticated (6.2) ----------------------------------------------------
+
+    def imap_login(self, args: list) -> str:
+        if len(args) != 2:
+            raise imap_bad("LOGIN needs a user name and a password")
+        return self.logged_in(self.login(imap_text(args[0], "the user name"), imap_text(args[1], "the password")))
+
+    def imap_authenticate(self, args: list) -> str:
+        if not args or imap_atom(args[0], "a mechanism") != "PLAIN" or len(args) > 2:
+            raise imap_no("only AUTHENTICATE PLAIN is supported")
+        initial = imap_text(args[1], "the initial response") if len(args) == 2 else None
+        if initial is None:
+            self.send("+ ")
+            initial = (self.rfile.readline(IMAP_LINE + 1) or b"").decode("utf-8", "replace").strip()
+        if initial == "*":
+            raise imap_bad("AUTHENTICATE cancelled")
+        try:
+            decoded = base64.b64decode("" if initial == "=" else initial, validate=True).decode("utf-8")
+            authorize, name, password = decoded.split("\0")
+        except (ValueError, binascii.Error):
+            raise imap_bad("not a PLAIN response (RFC 4616)") from None
+        if authorize and authorize != name:
+            raise imap_no("[AUTHORIZATIONFAILED] one may log in only as oneself")
+        return self.logged_in(self.login(name, password))
+
+    def logged_in(self, user: str | None) -> str:
+        if user is None:
+            raise imap_no("[AUTHENTICATIONFAILED] invalid user name or password")
+        self.user, self.state, self.folders = user, "authenticated", Folders(self.shell, user)
+        return f"[CAPABILITY {IMAP_CAPABILITIES}] logged in"
+
+    # -- authenticated (6.3) ---------------------------------------------------------
+
+    def imap_enable(self, args: list) -> str:
+        self.send("* ENABLED")                  # (nothing this server offers needs enabling)
+        return "ENABLE completed"
+
+    def imap_select(self, args: list, readonly: bool = False) -> str:
+        if len(args) != 1:
+            raise imap_bad("SELECT needs one folder")
+        folder = Folders.name(imap_text(args[0], "a folder"))
+        self.state, self.selected, self.view, self.known = "authenticated", None, [], {}
+        if folder is None:
+            raise imap_no("[NONEXISTENT] no such folder")
+        self.selected, self.readonly, self.state = folder, readonly, "selected"
+        with self.shell.lock:
+            messages = self.folders.messages(folder)
+            meta = self.folders.meta(folder)
+        self.view, self.known = [m.uid for m in messages], {m.uid: m for m in messages}
+        flags = " ".join(IMAP_FLAGS)
+        self.send(f"* FLAGS ({flags})")
+        self.send(f"* OK [PERMANENTFLAGS ({flags})] all flags are kept")
+        self.send(f"* {len(messages)} EXISTS")
+        self.send("* 0 RECENT")
+        unseen = [n for n, m in enumerate(messages, 1) if "\\Seen" not in m.flags]
+        if unseen:
+            self.send(f"* OK [UNSEEN {unseen[0]}] the first unseen message")
+        self.send(f"* OK [UIDVALIDITY {meta['uidvalidity']}] UIDs valid")
+        self.send(f"* OK [UIDNEXT {meta['uidnext']}] the next UID")
+        return f"[{'READ-ONLY' if readonly else 'READ-WRITE'}] {'EXAMINE' if readonly else 'SELECT'} completed"
+
+    def imap_examine(self, args: list) -> str:
+        return self.imap_select(args, readonly=True)
+
+    def imap_list(self, args: list, lsub: bool = False) -> str:
+        if args and isinstance(args[0], list) and not lsub:      # LIST (SPECIAL-USE) "" "*" (RFC 5258)
+            args = args[1:]
+        if len(args) >= 4 and isinstance(args[2], Atom) and args[2].upper() == "RETURN":
+            args = args[:2]
+        if len(args) != 2:
+            raise imap_bad("LIST needs a reference and a pattern")
+        pattern = imap_text(args[0], "a reference") + imap_text(args[1], "a pattern")
+        if not pattern:
+            self.send('* LIST (\\Noselect) "/" ""')
+            return "LIST completed"
+        regex = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pattern)
+        for folder, use in IMAP_FOLDERS.items():
+            if re.fullmatch(regex, folder, re.IGNORECASE if folder == "INBOX" else 0):
+                attributes = " ".join(["\\HasNoChildren"] + ([use] if use and not lsub else []))
+                self.send(f'* {"LSUB" if lsub else "LIST"} ({attributes}) "/" {folder}')
+        return f"{'LSUB' if lsub else 'LIST'} completed"
+
+    def imap_lsub(self, args: list) -> str:
+        return self.imap_list(args, lsub=True)
+
+    def imap_subscribe(self, args: list) -> str:
+        if len(args) != 1 or Folders.name(imap_text(args[0], "a folder")) is None:
+            raise imap_no("[NONEXISTENT] no such folder")
+        return "every folder is subscribed"
+
+    def imap_create(self, args: list) -> str:
+        if len(args) == 1 and Folders.name(imap_text(args[0], "a folder").rstrip("/")) is not None:
+            raise imap_no("[ALREADYEXISTS] that folder exists")
+        raise imap_no(f"[CANNOT] the folders are fixed: {', '.join(IMAP_FOLDERS)}")
+
+    def imap_status(self, args: list) -> str:
+        if len(args) != 2 or not isinstance(args[1], list) or not args[1]:
+            raise imap_bad("STATUS needs a folder and a list of items")
+        folder = Folders.name(imap_text(args[0], "a folder"))
+        if folder is None:
+            raise imap_no("[NONEXISTENT] no such folder")
+        with self.shell.lock:
+            messages = self.folders.messages(folder)
+            meta = self.folders.meta(folder)
+        values = {"MESSAGES": len(messages), "RECENT": 0, "UIDNEXT": meta["uidnext"],
+                  "UIDVALIDITY": meta["uidvalidity"], "UNSEEN": sum("\\Seen" not in m.flags for m in messages)}
+        asked = [imap_atom(item, "a STATUS item") for item in args[1]]
+        if any(item not in values for item in asked):
+            raise imap_bad(f"STATUS items are {', '.join(values)}")
+        self.send(f"* STATUS {folder} ({' '.join(f'{item} {values[item]}' for item in asked)})")
+        return "STATUS completed"
+
+    def imap_append(self, args: list) -> str:
+        if len(args) < 2 or not isinstance(args[-1], bytes):
+            raise imap_bad("APPEND needs a folder and the message as a literal")
+        folder = Folders.name(imap_text(args[0], "a folder"))
+        flags, date = frozenset(), int(time.time())
+        for extra in args[1:-1]:
+            if isinstance(extra, list):
+                flags = imap_flags(extra)
+            else:
+                date = imap_parse_date(extra, with_time=True)
+        if folder is None:
+            raise imap_no("[TRYCREATE] no such folder")
+        if not args[-1]:
+            raise imap_no("an empty message")
+        with self.shell.lock:
+            uid = self.folders.append(folder, args[-1], flags, date)
+            validity = self.folders.meta(folder)["uidvalidity"]
+            self.folders.changed()
+        if folder == self.selected:
+            self.sync(expunges=False)
+        return f"[APPENDUID {validity} {uid}] APPEND completed"
+
+    def imap_idle(self, args: list) -> str:
+        """RFC 2177: report changes as they happen, until the client says DONE."""
+        self.send("+ idling")
+        seen, polls = None, 0
+        while not self.shell.stopping.is_set():
+            if select.select([self.connection], [], [], IMAP_IDLE_POLL)[0]:
+                line = self.rfile.readline(IMAP_LINE + 1)
+                if not line:
+                    raise ConnectionError("the client hung up during IDLE")
+                if line.strip().upper() != b"DONE":
+                    raise imap_bad("IDLE ends with DONE")
+                break
+            polls += 1
+            if self.state == "selected" and (seen != self.shell.generation or polls % 8 == 0):
+                seen = self.shell.generation
+                self.sync()
+        return "IDLE terminated"
+
+    # -- selected (6.4) ---------------------------------------------------------------
+
+    def imap_check(self, args: list) -> str:
+        self.sync()
+        return "CHECK completed"
+
+    def imap_close(self, args: list) -> str:
+        if not self.readonly:
+            self.expunge()
+        self.state, self.selected, self.view, self.known = "authenticated", None, [], {}
+        return "CLOSE completed"
+
+    def imap_unselect(self, args: list) -> str:
+        self.state, self.selected, self.view, self.known = "authenticated", None, [], {}
+        return "UNSELECT completed"
+
+    def imap_expunge(self, args: list, uids: set[int] | None = None) -> str:
+        self.expunge(uids)
+        self.sync()
+        return "EXPUNGE completed"
+
+    def imap_uid_expunge(self, args: list) -> str:
+        if len(args) != 1:
+            raise imap_bad("UID EXPUNGE needs a UID set")
+        largest = self.view[-1] if self.view else 0
+        ranges = sequence_set(args[0])
+        return self.imap_expunge([], {u for u in self.view if in_sequence_set(ranges, u, largest)})
+
+    def imap_fetch(self, args: list) -> str:
+        self.sync(expunges=False)
+        return self.fetch(args, uid=False)
+
+    def imap_uid_fetch(self, args: list) -> str:
+        self.sync()
+        return "UID " + self.fetch(args, uid=True)
+
+    def imap_store(self, args: list) -> str:
+        return self.store(args, uid=False)
+
+    def imap_uid_store(self, args: list) -> str:
+        self.sync()
+        return "UID " + self.store(args, uid=True)
+
+    def imap_search(self, args: list) -> str:
+        self.sync(expunges=False)
+        return self.search(args, uid=False)
+
+    def imap_uid_search(self, args: list) -> str:
+        self.sync()
+        return "UID " + self.search(args, uid=True)
+
+    def imap_copy(self, args: list) -> str:
+        return self.copy(args, uid=False)
+
+    def imap_uid_copy(self, args: list) -> str:
+        self.sync()
+        return self.copy(args, uid=True)
+
+    def imap_move(self, args: list) -> str:
+        return self.copy(args, uid=False, move=True)
+
+    def imap_uid_move(self, args: list) -> str:
+        self.sync()
+        return self.copy(args, uid=True, move=True)
+
+    ANY = ("not_authenticated", "authenticated", "selected")
+    IN = ("authenticated", "selected")
+    STATE_WORDS = {"not_authenticated": "before LOGIN", "authenticated": "without a selected folder",
+                   "selected": "now"}
+    COMMANDS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+        # command        handler              states it is allowed in (RFC 3501 3)
+        "CAPABILITY":    (imap_capability,    ANY),
+        "NOOP":          (imap_noop,          ANY),
+        "LOGOUT":        (imap_logout,        ANY),
+        "LOGIN":         (imap_login,         ("not_authenticated",)),
+        "AUTHENTICATE":  (imap_authenticate,  ("not_authenticated",)),
+        "ENABLE":        (imap_enable,        IN),
+        "SELECT":        (imap_select,        IN),
+        "EXAMINE":       (imap_examine,       IN),
+        "LIST":          (imap_list,          IN),
+        "LSUB":          (imap_lsub,          IN),
+        "SUBSCRIBE":     (imap_subscribe,     IN),
+        "UNSUBSCRIBE":   (imap_subscribe,     IN),
+        "CREATE":        (imap_create,        IN),
+        "DELETE":        (imap_create,        IN),
+        "RENAME":        (imap_create,        IN),
+        "STATUS":        (imap_status,        IN),
+        "APPEND":        (imap_append,        IN),
+        "IDLE":          (imap_idle,          IN),
+        "CHECK":         (imap_check,         ("selected",)),
+        "CLOSE":         (imap_close,         ("selected",)),
+        "UNSELECT":      (imap_unselect,      ("selected",)),
+        "EXPUNGE":       (imap_expunge,       ("selected",)),
+        "FETCH":         (imap_fetch,         ("selected",)),
+        "STORE":         (imap_store,         ("selected",)),
+        "SEARCH":        (imap_search,        ("selected",)),
+        "COPY":          (imap_copy,          ("selected",)),
+        "MOVE":          (imap_move,          ("selected",)),
+        "UID FETCH":     (imap_uid_fetch,     ("selected",)),
+        "UID STORE":     (imap_uid_store,     ("selected",)),
+        "UID SEARCH":    (imap_uid_search,    ("selected",)),
+        "UID COPY":      (imap_uid_copy,      ("selected",)),
+        "UID MOVE":      (imap_uid_move,      ("selected",)),
+        "UID EXPUNGE":   (imap_uid_expunge,   ("selected",)),
+    }
+    UID_COMMANDS = ("FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE")
 
 
 class MailClientServer(socketserver.ThreadingTCPServer):
@@ -5234,12 +6743,13 @@ def run_node(args: argparse.Namespace) -> int:
     config = node_config(args)
     listen = None if args.no_listen else (args.host, args.port)
     mail_address = {name: (args.mail_host, port) if port is not None else None
-                    for name, port in (("smtp", args.smtp_port), ("pop3", args.pop3_port))}
+                    for name, port in (("smtp", args.smtp_port), ("pop3", args.pop3_port),
+                                       ("imap", args.imap_port))}
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     shell = NodeShell(args.data_dir, config, listen, Clock(args.clock_file), announce=say,
-                      smtp=mail_address["smtp"], pop3=mail_address["pop3"])
+                      smtp=mail_address["smtp"], pop3=mail_address["pop3"], imap=mail_address["imap"])
     shell.start()
     node_banner(shell, args)
     stop.wait()
@@ -5507,8 +7017,10 @@ def add_node_parser(sub: Any) -> None:
                    help="megabytes kept for others, per sending node (default %(default)s)")
     p.add_argument("--smtp-port", type=port_number, metavar="P", help="serve SMTP submission for mail clients")
     p.add_argument("--pop3-port", type=port_number, metavar="P", help="serve POP3 for mail clients")
+    p.add_argument("--imap-port", type=port_number, metavar="P",
+                   help="serve IMAP for mail clients (Thunderbird, phones: INBOX, Sent, Drafts, Trash)")
     p.add_argument("--mail-host", default="127.0.0.1",
-                   help="address for SMTP/POP3 (default 127.0.0.1: this machine only)")
+                   help="address for SMTP/POP3/IMAP (default 127.0.0.1: this machine only)")
     p.add_argument("--clock-file", help="testing: add the seconds written in this file to the clock")
 
 

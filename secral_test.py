@@ -2144,7 +2144,8 @@ class LiveNode:
         self.config = Config(host="127.0.0.1" if advertise else None,
                              bootstrap=tuple(("127.0.0.1", p.port) for p in peers), **config)
         local = ("127.0.0.1", 0) if mail else None
-        self.shell = secral.NodeShell(self.data_dir, self.config, ("127.0.0.1", 0), smtp=local, pop3=local)
+        self.shell = secral.NodeShell(self.data_dir, self.config, ("127.0.0.1", 0), smtp=local, pop3=local,
+                                      imap=local)
         self.shell.start()
         self.port = self.shell.port
         self.mail_ports = {n: srv.server_address[1] for n, srv in self.shell.mail_servers.items()}
@@ -4001,21 +4002,11 @@ def test_concurrent_mail_clients(mail_pair):
     pop3_client(b, "bob", "bob-password").quit()    # free again after QUIT
 
 
-def test_smtp_refuses_what_it_cannot_carry_and_accepts_common_logins(mail_pair):
+def test_smtp_refuses_a_broken_subject_and_accepts_common_logins(mail_pair):
     import smtplib
-    from email.message import EmailMessage
     a, b = mail_pair
-    message = EmailMessage()
-    message["From"], message["To"], message["Subject"] = a.address(), b.address("bob"), "with a picture"
-    message.set_content("see attached")
-    message.add_attachment(b"\x89PNG\r\n\x1a\n" + bytes(range(256)), maintype="image", subtype="png",
-                           filename="dot.png")
     client = smtp_client(a)
     client.login(a.address(), "alice-password")      # the whole address as the login name
-    with pytest.raises(smtplib.SMTPDataError) as refused:
-        client.send_message(message)
-    assert refused.value.smtp_code == 554 and b"5.6.1" in refused.value.smtp_error
-    assert b"image/png" in refused.value.smtp_error
     line_breaker = "Subject: two\u2028lines\r\n\r\nbody\r\n".encode()
     with pytest.raises(smtplib.SMTPDataError) as refused:
         client.sendmail(a.address(), [b.address("bob")], line_breaker)
@@ -4057,6 +4048,410 @@ def test_a_second_pop3_session_is_told_the_mailbox_is_in_use(mail_pair):
         pop3_client(b, "bob", "wrong-password")
     first.quit()
     pop3_client(b, "bob@" + b.domain, "bob-password").quit()    # the whole address will do
+
+
+# -- whole messages, bounces, IMAP (issue 16) ----------------------------------------
+
+def smtp_send(node, message, user="Default", password="alice-password"):
+    client = smtp_client(node)
+    try:
+        client.login(user, password)
+        return client.send_message(message)
+    finally:
+        client.quit()
+
+
+def imap_client(node, user, password):
+    import imaplib
+    client = imaplib.IMAP4("127.0.0.1", node.mail_ports["imap"], timeout=10)
+    client.login(user, password)
+    return client
+
+
+class ImapWire:
+    """A raw IMAP session, for what imaplib cannot say: IDLE, Thunderbird's
+    exact commands, hostile bytes."""
+
+    def __init__(self, node):
+        self.sock = socket.create_connection(("127.0.0.1", node.mail_ports["imap"]), timeout=10)
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.file.readline()
+        self.n = 0
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+    def send(self, data: bytes):
+        self.sock.sendall(data)
+
+    def response(self) -> bytes:
+        """One response line, with any literals in it."""
+        line = self.file.readline()
+        assert line, "the server closed the connection"
+        while (literal := re.search(rb"\{(\d+)\}\r\n$", line)):
+            line += self.file.read(int(literal.group(1)))
+            line += self.file.readline()
+        return line
+
+    def tag(self) -> bytes:
+        self.n += 1
+        return b"t%d" % self.n
+
+    def command(self, text) -> tuple[list[bytes], bytes]:
+        tag = self.tag()
+        self.send(tag + b" " + (text.encode() if isinstance(text, str) else text) + b"\r\n")
+        return self.until(tag)
+
+    def until(self, tag: bytes) -> tuple[list[bytes], bytes]:
+        untagged = []
+        while not (line := self.response()).startswith(tag + b" "):
+            untagged.append(line)
+        return untagged, line
+
+
+@pytest.fixture
+def imap_pair(mail_pair):
+    a, b = mail_pair
+    a("users_add", name="carol")
+    return a, b
+
+
+def test_a_thunderbird_shaped_imap_session(imap_pair):
+    """Thunderbird's own sequence: CAPABILITY, AUTHENTICATE PLAIN, LIST, SELECT,
+    UID FETCH 1:* (FLAGS), the header fields it shows, IDLE until new mail,
+    the body, \\Seen, and its copy of a sent message APPENDed to Sent."""
+    from email.message import EmailMessage
+    a, b = imap_pair
+    tb = ImapWire(b)
+    assert tb.greeting.startswith(b"* OK")
+    untagged, done = tb.command("capability")
+    assert b"IDLE" in untagged[0] and b"AUTH=PLAIN" in untagged[0] and done.startswith(b"t1 OK")
+    tag = tb.tag()
+    tb.send(tag + b" authenticate PLAIN\r\n")
+    assert tb.response() == b"+ \r\n"
+    tb.send(base64.b64encode(b"\0bob\0bob-password") + b"\r\n")
+    assert tb.until(tag)[1].startswith(tag + b" OK")
+    untagged, done = tb.command('list (SPECIAL-USE) "" "*"')
+    assert b'* LIST (\\HasNoChildren \\Sent) "/" Sent\r\n' in untagged and done.startswith(b"t3 OK")
+    untagged, done = tb.command('select "INBOX"')
+    assert b"* 0 EXISTS\r\n" in untagged and b"READ-WRITE" in done
+    validity = next(re.search(rb"UIDVALIDITY (\d+)", l).group(1) for l in untagged if b"UIDVALIDITY" in l)
+    assert tb.command("UID fetch 1:* (FLAGS)")[1].startswith(b"t5 OK")
+
+    tag = tb.tag()
+    tb.send(tag + b" IDLE\r\n")
+    assert tb.response() == b"+ idling\r\n"
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = a.address(), b.address("bob"), "Lunch?"
+    message.set_content("Noon at the harbour.")
+    smtp_send(a, message)
+    assert tb.response() == b"* 1 EXISTS\r\n"      # pushed, not polled for by the client
+    tb.send(b"DONE\r\n")
+    assert tb.until(tag)[1].startswith(tag + b" OK")
+
+    fields = ("From To Cc Bcc Subject Date Message-ID Priority X-Priority References Newsgroups "
+              "In-Reply-To Content-Type Reply-To")
+    untagged, done = tb.command(f"UID fetch 1:* (UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS ({fields})])")
+    assert done.startswith(b"t7 OK") and b"Subject: Lunch?" in untagged[0] and b"FLAGS ()" in untagged[0]
+    [mail] = b("inbox", user="bob")
+    assert mail["unread"]
+    untagged, _ = tb.command("UID fetch 1 (UID RFC822.SIZE BODY.PEEK[])")
+    size = int(re.search(rb"RFC822.SIZE (\d+)", untagged[0]).group(1))
+    body = untagged[0].split(b"}\r\n", 1)[1]
+    assert len(body) == size + 3 and b"Noon at the harbour." in body    # (+ ")\r\n")
+    assert b("inbox", user="bob")[0]["unread"]                            # PEEK leaves it unread
+    untagged, done = tb.command("uid store 1 +Flags (\\Seen)")
+    assert b"FLAGS (\\Seen)" in untagged[0]
+    assert not b("inbox", user="bob")[0]["unread"]                        # the CLI sees it read
+
+    reply = EmailMessage()
+    reply["From"], reply["To"], reply["Subject"] = b.address("bob"), a.address(), "Re: Lunch?"
+    reply["Message-ID"] = "<tb-1@bobs-laptop>"
+    reply["In-Reply-To"] = f"<{mail['id']}@{a.domain}>"
+    reply.set_content("Yes.")
+    smtp_send(b, reply, "bob", "bob-password")
+    copy = reply.as_bytes().replace(b"\n", b"\r\n")
+    tag = tb.tag()
+    tb.send(tag + b' APPEND "Sent" (\\Seen) {%d}\r\n' % len(copy))
+    assert tb.response() == b"+ Ready for literal data\r\n"
+    tb.send(copy + b"\r\n")
+    _, done = tb.until(tag)
+    assert b"APPENDUID" in done
+    untagged, _ = tb.command('STATUS "Sent" (MESSAGES)')
+    assert untagged == [b"* STATUS Sent (MESSAGES 1)\r\n"]               # Thunderbird's copy is the mail
+    tb.command("logout")
+    tb.close()
+
+    # The reply threads on both sides: it names the Message-ID Alice's Sent copy has.
+    [sent] = a("outbox")
+    eventually(lambda: len(a("inbox")) == 1)
+    alice = imap_client(a, "Default", "alice-password")
+    alice.select("INBOX")
+    _, data = alice.fetch("1", "(BODY.PEEK[HEADER.FIELDS (IN-REPLY-TO)])")
+    alice.select("Sent")
+    _, sent_id = alice.fetch("1", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+    alice.logout()
+    assert sent_id[0][1].split(b":", 1)[1].strip() == data[0][1].split(b":", 1)[1].strip()
+    assert sent_id[0][1].strip().endswith(f"<{sent['id']}@{a.domain}>".encode())
+
+    # UIDVALIDITY and UIDs are kept across a restart of the node.
+    b.stop()
+    b.shell = secral.NodeShell(b.data_dir, b.config, ("127.0.0.1", 0), imap=("127.0.0.1", 0))
+    b.shell.start()
+    b.mail_ports = {n: s.server_address[1] for n, s in b.shell.mail_servers.items()}
+    again = imap_client(b, "bob", "bob-password")
+    assert again.select("INBOX")[1] == [b"1"]
+    assert again.response("UIDVALIDITY")[1] == [validity]
+    assert again.uid("FETCH", "1", "(FLAGS)")[1] == [b"1 (UID 1 FLAGS (\\Seen))"]
+    again.logout()
+
+
+def test_whole_messages_arrive_as_they_were_sent(imap_pair):
+    """HTML, a binary attachment, an inline image, a forwarded message and a
+    second text part go through SMTP, the network and IMAP and POP3 as the
+    same bytes; format=flowed is undone (delsp=yes keeps CJK words whole);
+    display names survive in Sent."""
+    from email import policy
+    from email.message import EmailMessage
+    from email.parser import BytesParser
+    a, b = imap_pair
+    picture, blob = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, bytes(range(256))[::-1] * 40
+    forwarded = b"From: someone@example.org\r\nSubject: the original\r\n\r\nquoted body\r\n"
+    message = EmailMessage()
+    message["From"] = f"Alice Liddell <{a.address()}>"
+    message["To"] = f"Bob Builder <{b.address('bob')}>"
+    message["Subject"] = "Everything at once"
+    message.set_content("日本語の文章がここで折り返さ \r\nれます。\r\nA soft  \r\nbreak.\r\n", params={"format": "flowed", "delsp": "yes"}, cte="8bit")
+    message.add_alternative("<p>Hello <img src='cid:pic'></p>", subtype="html")
+    message.get_payload()[1].add_related(picture, maintype="image", subtype="png", cid="<pic>")
+    message.add_attachment(blob, maintype="application", subtype="octet-stream", filename="data.bin")
+    message.add_attachment("a second text\n", subtype="plain", filename="notes.txt")
+    message.add_attachment(BytesParser(policy=policy.default).parsebytes(forwarded), filename="fwd.eml")
+    assert smtp_send(a, message) == {}
+    [entry] = a("outbox")
+    assert a("wait", id=entry["id"], timeout=20)["status"] == "delivered"
+
+    bob = imap_client(b, "bob", "bob-password")
+    bob.select("INBOX")
+    _, data = bob.fetch("1", "(BODY[] BODYSTRUCTURE)")
+    got = BytesParser(policy=policy.default).parsebytes(data[0][1])
+    assert got.get_body(("plain",)).get_content().replace("\r\n", "\n") == "日本語の文章がここで折り返されます。\nA soft break.\n"
+    assert "Hello" in got.get_body(("html",)).get_content()
+    attachments = {p.get_filename(): p for p in got.iter_attachments()}
+    assert attachments["data.bin"].get_content() == blob
+    assert attachments["notes.txt"].get_content().replace("\r\n", "\n") == "a second text\n"   # (text: CRLF on the wire)
+    assert [p.get_content() for p in got.walk() if p.get_content_type() == "image/png"] == [picture]
+    inner = attachments["fwd.eml"].get_content()
+    assert inner["Subject"] == "the original" and "quoted body" in inner.get_content()
+    assert b'("application" "octet-stream" NIL NIL NIL "base64"' in data[1]
+    _, part = bob.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert part[0][1] == b"Subject: Everything at once\r\n\r\n"
+    bob.logout()
+    pop = pop3_client(b, "bob", "bob-password")
+    _, lines, _ = pop.retr(1)
+    pop.quit()
+    assert b"\r\n".join(lines) + b"\r\n" == data[0][1]           # POP3 and IMAP serve the same bytes
+
+    alice = imap_client(a, "Default", "alice-password")
+    alice.select("Sent")
+    _, sent = alice.fetch("1", "(BODY.PEEK[HEADER.FIELDS (FROM TO)])")
+    alice.logout()
+    assert b"Alice Liddell <" in sent[0][1] and b"Bob Builder <" in sent[0][1]
+
+
+def test_smtp_refuses_what_does_not_fit_and_says_why(imap_pair):
+    import smtplib
+    from email.message import EmailMessage
+    a, b = imap_pair
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = a.address(), b.address("bob"), "too big"
+    message.set_content("see attached")
+    message.add_attachment(os.urandom(150_000), maintype="application", subtype="zip", filename="big.zip")
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        smtp_send(a, message)
+    assert refused.value.smtp_code == 552 and b"192000" in refused.value.smtp_error.replace(b",", b"")
+    parts = EmailMessage()
+    parts["From"], parts["To"], parts["Subject"] = a.address(), b.address("bob"), "many parts"
+    parts.set_content("x")
+    for n in range(secral.MAX_PARTS + 1):
+        parts.add_attachment(b"x", maintype="application", subtype="octet-stream", filename=f"{n}.bin")
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        smtp_send(a, parts)
+    assert refused.value.smtp_code == 552 and b"parts" in refused.value.smtp_error
+    assert a("outbox") == []                                     # refused, never accepted and dropped
+
+
+def test_a_refused_mail_bounces_into_the_senders_inbox(imap_pair):
+    """A rejected mail brings a delivery status notification (RFC 3464) from
+    Core to its sender's inbox, which every mail client shows."""
+    from email import policy
+    from email.parser import BytesParser
+    a, b = imap_pair
+    client = smtp_client(a)
+    client.login("Default", "alice-password")
+    client.sendmail(a.address(), [b.address("nobody")], "Subject: Hällo\r\n\r\nanyone?\r\n".encode())
+    client.quit()
+    [entry] = a("outbox")
+    assert a("wait", id=entry["id"], timeout=20)["status"] == "rejected"
+    [bounce] = eventually(lambda: a("inbox", user="Default"))
+    assert bounce["from"] == f"Core@{a.domain}" and bounce["unread"]
+    alice = imap_client(a, "Default", "alice-password")
+    alice.select("INBOX")
+    _, data = alice.fetch("1", "(BODY.PEEK[] BODYSTRUCTURE)")
+    alice.logout()
+    report = BytesParser(policy=policy.default).parsebytes(data[0][1])
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    assert report["In-Reply-To"] == f"<{entry['id']}@{a.domain}>"
+    status = [p for p in report.walk() if p.get_content_type() == "message/delivery-status"][0]
+    assert "Status: 5.1.1" in status.as_string() and "no_such_user" in status.as_string()
+    assert "Hällo" in report["Subject"]
+    assert b'"report" ("report-type" "delivery-status"' in data[1]
+    assert a("outbox")[0]["status"] == "rejected"                # the outbox says so as before
+    assert len(a("inbox", user="Default")) == 1                  # one bounce per mail
+    assert a("inbox", user="carol") == []                        # and only for its sender
+
+
+def test_imap_sessions_share_one_mailbox(imap_pair):
+    """Two clients and the CLI on one mailbox: flags, new mail and deletions
+    made by one are reported to the other."""
+    a, b = imap_pair
+    for n in range(3):
+        client = smtp_client(a)
+        client.login("Default", "alice-password")
+        client.sendmail(a.address(), [b.address("bob")], f"Subject: n{n}\r\n\r\nbody {n}\r\n".encode())
+        client.quit()
+    eventually(lambda: len(b("inbox", user="bob")) == 3)
+    phone, laptop = imap_client(b, "bob", "bob-password"), imap_client(b, "bob", "bob-password")
+    assert phone.select("INBOX")[1] == laptop.select("INBOX")[1] == [b"3"]
+    phone.store("2", "+FLAGS", "(\\Seen \\Flagged)")
+    laptop.noop()
+    assert any(b"FLAGS (\\Flagged \\Seen)" in r for r in laptop.untagged_responses.pop("FETCH", []))
+    assert laptop.search(None, "FLAGGED")[1] == [b"2"] and laptop.search(None, "UNSEEN")[1] == [b"1 3"]
+    phone.store("1", "+FLAGS", "(\\Deleted)")
+    phone.expunge()
+    laptop.noop()
+    assert laptop.untagged_responses.pop("EXPUNGE", None) == [b"1"]
+    first = b("inbox", user="bob")[0]
+    b("inbox_delete", id=first["id"])                          # the CLI deletes one too
+    laptop.noop()
+    assert laptop.untagged_responses.pop("EXPUNGE", None) == [b"1"]
+    assert laptop.uid("SEARCH", "ALL")[1] == [b"3"]
+    [left] = b("inbox", user="bob")
+    assert laptop.search(None, "SUBJECT", left["subject"])[1] == [b"1"]
+    assert laptop.search(None, "BODY", f'"body {left["subject"][1]}"')[1] == [b"1"]     # (imaplib quotes nothing)
+    assert laptop.search(None, "OR", "BODY", '"no such text"', "NOT", "SUBJECT", left["subject"])[1] == [b""]
+    laptop.store("1", "-FLAGS", "(\\Seen)")
+    assert b("inbox", user="bob")[0]["unread"]
+    assert phone.select("INBOX", readonly=True)[0] == "OK"        # EXAMINE
+    assert phone.store("1", "+FLAGS", "(\\Seen)")[0] == "NO"     # EXAMINE is read-only
+    assert laptop.uid("MOVE", "3", "Trash")[0] == "OK"
+    assert b("inbox", user="bob") == []
+    assert laptop.status("Trash", "(MESSAGES)")[1] == [b"Trash (MESSAGES 1)"]
+    phone.logout()
+    laptop.logout()
+
+
+HOSTILE_IMAP = [
+    b"",                                        # an empty line
+    b"t1",                                      # a tag alone
+    b"+ LOGIN a b",                             # a tag that cannot be one
+    b"t2 FETCH 1 (FLAGS)",                      # FETCH before login
+    b"t3 LOGIN \"unterminated",
+    b"t4 LOGIN \"bad\\escape\" x",
+    b"t5 LOGIN (a b",
+    b"t6 LOGIN a b)",
+    b"t7 " + b"(" * 50 + b")" * 50,
+    b"t8 \xff\xfe\x00binary",
+    b"t9 LOGIN {5}",                             # a literal then a hang-up: answered below
+]
+
+
+def test_imap_answers_bad_to_anything_malformed_and_goes_on(imap_pair):
+    a, b = imap_pair
+    wire = ImapWire(b)
+    for line in HOSTILE_IMAP[:-1]:
+        wire.send(line + b"\r\n")
+        answer = wire.response()
+        assert re.match(rb"\S+ (BAD|NO) ", answer), (line, answer)
+    assert wire.command("LOGIN bob bob-password")[1].startswith(b"t1 OK")
+    for command in ["FETCH 1 (FLAGS)", "SELECT", "SELECT Nowhere", "CREATE Archive"]:
+        assert re.match(rb"t\d+ (BAD|NO) ", wire.command(command)[1]), command
+    b("send", to=b.address("bob"), subject="to myself", body="a note", user="bob")
+    eventually(lambda: b("inbox", user="bob"))
+    wire.command("SELECT INBOX")
+    for command in ["FETCH 2 (FLAGS)", "FETCH 0 (FLAGS)", "UID FETCH 1 (BODY[2])", "UID FETCH 1 (BODY[1.HEADER])",
+                    "UID FETCH 1 (BODY[1.2.3.4.5.6.7.8.9.10.11.12] BODY[1.MIME] BODY[TEXT]<99999.3>)", "FETCH 1:x (FLAGS)", "UID FETCH 1:* (NOSUCH)",
+                    "UID FETCH 1:* BODY[HEADER.FIELDS ()]", "UID FETCH 1:* BODY[1.MIME", "UID FETCH 1:* BODY[0]",
+                    "UID STORE 1 FLAGS (\\Recent)", "UID STORE 1 XFLAGS (\\Seen)", "UID SEARCH", "UID SEARCH OR SEEN",
+                    "UID SEARCH SINCE 32-Foo-2026", "UID SEARCH LARGER x", "UID SEARCH CHARSET KOI8-R ALL",
+                    "UID BOGUS 1", "APPEND INBOX (\\Seen)", "UID COPY 1 Nowhere"]:
+        answer = wire.command(command)[1]
+        assert re.match(rb"t\d+ (BAD|NO|OK) ", answer), (command, answer)
+        assert not answer.startswith(b"t") or b"SERVERBUG" not in answer, command
+    wire.send(b"t50 APPEND Nowhere {1}\r\n")
+    assert wire.response().startswith(b"+ ")
+    wire.send(b"x\r\n")
+    assert wire.until(b"t50")[1].startswith(b"t50 NO [TRYCREATE]")
+    _, answer = wire.command(b"APPEND INBOX {%d}" % (secral.MAIL_MESSAGE + 1))
+    assert b"TOOBIG" in answer                                 # refused before it is sent
+    assert wire.command("NOOP")[1].endswith(b"OK NOOP completed\r\n")     # and the session goes on
+    wire.send(b"t99 NOOP " + b"x" * (secral.IMAP_LINE + 10) + b"\r\n")
+    assert wire.file.readline() == b""                         # a line past the limit ends the session
+    wire.close()
+    other = imap_client(b, "bob", "bob-password")              # and costs nobody else anything
+    assert other.select("INBOX")[0] == "OK"
+    other.logout()
+
+
+def test_a_real_mail_client_curl_sends_and_reads(imap_pair, tmp_path):
+    """curl's SMTP, IMAP and POP3 (Debian's curl, as on most machines)."""
+    curl = shutil.which("curl")
+    if curl is None or "imap" not in subprocess.run([curl, "--version"], capture_output=True, text=True).stdout:
+        pytest.skip("curl with IMAP support is not installed")
+    a, b = imap_pair
+    mail = tmp_path / "mail.eml"
+    mail.write_bytes(f"From: {a.address()}\r\nTo: {b.address('bob')}\r\nSubject: via curl\r\n\r\n"
+                     "Sent by curl.\r\n".encode())
+    subprocess.run([curl, "-sS", f"smtp://127.0.0.1:{a.mail_ports['smtp']}", "--mail-from", a.address(),
+                    "--mail-rcpt", b.address("bob"), "--user", "Default:alice-password", "-T", str(mail)],
+                   check=True, timeout=30)
+    [entry] = a("outbox")
+    assert a("wait", id=entry["id"], timeout=20)["status"] == "delivered"
+    fetched = subprocess.run([curl, "-sS", f"imap://127.0.0.1:{b.mail_ports['imap']}/INBOX;UID=1",
+                              "--user", "bob:bob-password"], capture_output=True, check=True, timeout=30)
+    assert b"Subject: via curl" in fetched.stdout and b"Sent by curl." in fetched.stdout
+    listed = subprocess.run([curl, "-sS", f"imap://127.0.0.1:{b.mail_ports['imap']}/", "--user",
+                             "bob:bob-password"], capture_output=True, check=True, timeout=30)
+    assert b"Sent" in listed.stdout and b"INBOX" in listed.stdout
+    popped = subprocess.run([curl, "-sS", f"pop3://127.0.0.1:{b.mail_ports['pop3']}/1", "--user",
+                             "bob:bob-password"], capture_output=True, check=True, timeout=30)
+    assert popped.stdout.replace(b"\r\n", b"\n") == fetched.stdout.replace(b"\r\n", b"\n")
+
+
+def test_real_mail_clients_msmtp_and_fetchmail(imap_pair, tmp_path):
+    """Debian's msmtp sends, fetchmail fetches over IMAP (skipped where absent)."""
+    msmtp, fetchmail = shutil.which("msmtp"), shutil.which("fetchmail")
+    if msmtp is None or fetchmail is None:
+        pytest.skip("msmtp and fetchmail are not installed (apt install msmtp fetchmail)")
+    a, b = imap_pair
+    message = f"From: {a.address()}\nTo: {b.address('bob')}\nSubject: via msmtp\n\nSent by msmtp.\n"
+    subprocess.run([msmtp, "--host=127.0.0.1", f"--port={a.mail_ports['smtp']}", "--auth=plain",
+                    "--user=Default", "--passwordeval=echo alice-password", "--tls=off",
+                    f"--from={a.address()}", b.address("bob")], input=message.encode(), check=True, timeout=30)
+    [entry] = a("outbox")
+    assert a("wait", id=entry["id"], timeout=20)["status"] == "delivered"
+    rc = tmp_path / "fetchmailrc"
+    rc.write_text(f"poll 127.0.0.1 service {b.mail_ports['imap']} protocol IMAP auth password\n"
+                  f"  user bob password bob-password sslproto '' keep\n"
+                  f"  mda \"cat >> {tmp_path / 'fetched'}\"\n")
+    rc.chmod(0o600)
+    subprocess.run([fetchmail, "-f", str(rc), "--nosyslog", "-s"], check=True, timeout=60,
+                   env={**os.environ, "HOME": str(tmp_path)})
+    fetched = (tmp_path / "fetched").read_bytes()
+    assert b"Subject: via msmtp" in fetched and b"Sent by msmtp." in fetched
+    assert not b("inbox", user="bob")[0]["unread"]             # fetchmail read it, the CLI knows
 
 
 # =============================================================================
