@@ -47,7 +47,7 @@ NOW = 1_800_000_000             # a fixed "now" for deterministic tests (2027-01
 # Helpers: test keys
 # =============================================================================
 
-_pool_lock = threading.Lock()
+_pool_lock = threading.RLock()
 _pool: dict[int, Identity] = {}
 
 
@@ -75,6 +75,70 @@ def key(i: int) -> Identity:
                 secral.save_identity(generate_identity(), path)
             _pool[i] = secral.load_identity(path, create=False)
         return _pool[i]
+
+
+MAIL_KEY_DIR = os.path.join(KEY_DIR, "mail")  # mail keys, shared by every test node
+MAIL_KEY_POOL = 10                              # > MAX_MAIL_KEYS: a record's keys are distinct
+
+
+def mail_key_files() -> str:
+    """The pool of test mail keys, as node --test-key-pool reads it."""
+    with _pool_lock:
+        os.makedirs(MAIL_KEY_DIR, exist_ok=True)
+        for i in range(MAIL_KEY_POOL):
+            path = os.path.join(MAIL_KEY_DIR, f"mail-{i:03d}.pem")
+            if not os.path.exists(path):
+                secral.save_identity(generate_identity(), path)
+    return MAIL_KEY_DIR
+
+
+def pool_mail_key(epoch: int) -> Identity:
+    """The test mail key of an epoch: pool key epoch mod 10, for every node."""
+    with _pool_lock:
+        if ("mail", epoch % MAIL_KEY_POOL) not in _pool:
+            path = os.path.join(mail_key_files(), f"mail-{epoch % MAIL_KEY_POOL:03d}.pem")
+            _pool["mail", epoch % MAIL_KEY_POOL] = secral.load_identity(path, create=False)
+        return _pool["mail", epoch % MAIL_KEY_POOL]
+
+
+def pool_ring(now: float = NOW) -> secral.MailKeys:
+    """A node's mail keys from the pool: two epochs before now's to seven after."""
+    ring = secral.MailKeys()
+    for epoch in range(secral.epoch_of(now) - 2, secral.epoch_of(now) + 8):
+        ring.add(epoch, pool_mail_key(epoch))
+    return ring
+
+
+def make_record(identity: Identity, host: str | None, port: int, seq: int, expires: int,
+                now: float | None = None) -> dict:
+    """secral.make_record with the pool's mail keys for every epoch from now's
+    (by default: an hour before the expiry) to the expiry's (5.3)."""
+    now = expires - 3600 if now is None else now
+    epochs = range(secral.epoch_of(min(now, expires - 1)), secral.epoch_of(expires - 1) + 1)
+    return secral.make_record(identity, host, port, seq, expires,
+                              [{"epoch": e, "key": pool_mail_key(e).public_b64} for e in epochs])
+
+
+def seal_mail(identity: Identity, sender: Address, recipient: Address, recipient_key: str, *args, **kw) -> dict:
+    """secral.seal_mail to a recipient named by its node key: to its record
+    (make_record above) at the mail's `now`, so to the pool's mail key."""
+    now = args[2] if len(args) > 2 else kw["now"]
+    return secral.seal_mail(identity, sender, recipient, make_record(
+        secral_identity(recipient_key), None, 0, 1, now + 3600, now), *args, **kw)
+
+
+def secral_identity(public_b64: str) -> Identity:
+    """The pool identity whose public key this is (records are signed by it)."""
+    with _pool_lock:
+        found = [i for i in _pool.values() if i.public_b64 == public_b64]
+    if not found:
+        raise LookupError("not a pool key")
+    return found[0]
+
+
+def open_mail(identity: Identity, mail: dict, now: float = NOW) -> dict:
+    """secral.open_mail with the pool's mail keys around `now`."""
+    return secral.open_mail(identity, pool_ring(now), mail)
 
 
 def seed_key(data_dir: str, i: int) -> Identity:
@@ -134,7 +198,7 @@ class Wire:
         config.setdefault("host", "10.0.0.%d" % (len(self.nodes) + 1) if port else None)
         config.setdefault("port", port or 0)
         node = Node(identity, Stores.memory(), Config(**config), self.now,
-                    Counter(len(self.nodes) + 1))
+                    Counter(len(self.nodes) + 1), pool_ring(self.now))
         node.name = name
         self.nodes[name] = node
         if listen or port:
@@ -422,7 +486,7 @@ def test_users_compare_case_insensitively():
 
 
 def test_record_checks():
-    record = secral.make_record(key(0), "127.0.0.1", 7700, 5, NOW + 100)
+    record = make_record(key(0), "127.0.0.1", 7700, 5, NOW + 100)
     assert secral.verify_record(record, NOW) is record
     cases = [
         (NOW + 100, {"host": "10.0.0.1"}, "bad_signature"),
@@ -436,7 +500,7 @@ def test_record_checks():
         with pytest.raises(RemoteError) as err:
             secral.verify_record({**record, **change}, when if code == "expired" else NOW)
         assert err.value.code == code, change
-    far = secral.make_record(key(0), None, 0, 1, NOW + secral.MAX_RECORD_LIFETIME + 1)
+    far = make_record(key(0), None, 0, 1, NOW + secral.MAX_RECORD_LIFETIME + 1, now=NOW)
     with pytest.raises(RemoteError) as err:
         secral.verify_record(far, NOW)
     assert err.value.code == "future"           # a clock matter: dropped, not blamed (9.1)
@@ -445,7 +509,7 @@ def test_record_checks():
 
 
 def test_record_supersedes_only_with_higher_seq():
-    old = secral.make_record(key(0), None, 0, 5, NOW + 100)
+    old = make_record(key(0), None, 0, 5, NOW + 100)
     assert secral.record_supersedes({**old, "seq": 6}, old)
     assert not secral.record_supersedes({**old, "seq": 5}, old)
     assert not secral.record_supersedes({**old, "seq": 4}, old)
@@ -459,7 +523,7 @@ def test_record_supersedes_only_with_higher_seq():
 def sealed(sender: int = 0, recipient: int = 1, now: int = NOW, **kw) -> dict:
     args = dict(subject="Subject", body="Body", ttl=3600)
     args.update(kw)
-    return secral.seal_mail(key(sender), Address("Default", key(sender).domain),
+    return seal_mail(key(sender), Address("Default", key(sender).domain),
                             Address("Default", key(recipient).domain), key(recipient).public_b64,
                             args["subject"], args["body"], now, args["ttl"])
 
@@ -467,7 +531,7 @@ def sealed(sender: int = 0, recipient: int = 1, now: int = NOW, **kw) -> dict:
 def test_seal_verify_open_round_trip():
     mail = sealed(body="héllo ✉\n" * 10)
     assert secral.verify_mail(mail, NOW) is mail
-    plain = secral.open_mail(key(1), mail)
+    plain = open_mail(key(1), mail)
     assert (mail["from"], mail["to"]) == (key(0).domain, key(1).domain)     # domains only (6.1)
     assert plain == {"from": f"Default@{key(0).domain}", "to": f"Default@{key(1).domain}",
                      "subject": "Subject", "body": "héllo ✉\n" * 10, "parts": [], "in_reply_to": None}
@@ -478,11 +542,11 @@ def test_sealed_sizes_come_in_buckets_and_parts_travel_whole():
     assert sizes == {1024}
     assert len(secral.b64d(sealed(body="x" * 1500)["ct"], "ct")) - secral.GCM_TAG == 2048
     png = bytes(range(256)) * 4
-    mail = secral.seal_mail(key(0), Address("Default", key(0).domain), Address("Default", key(1).domain),
+    mail = seal_mail(key(0), Address("Default", key(0).domain), Address("Default", key(1).domain),
                             key(1).public_b64, "s", "b", NOW, 3600,
                             parts=[{"type": "image/png", "name": "dot.png", "data": secral.b64e(png)}],
                             in_reply_to="ab" * 16)
-    plain = secral.open_mail(key(1), secral.verify_mail(mail, NOW))
+    plain = open_mail(key(1), secral.verify_mail(mail, NOW))
     assert secral.b64d(plain["parts"][0]["data"], "data") == png and plain["in_reply_to"] == "ab" * 16
     for bad in ({"type": "Image/PNG", "data": ""}, {"type": "image/png", "name": "../x", "data": ""},
                 {"type": "image/png", "data": "!!"}):
@@ -533,14 +597,14 @@ def test_verify_mail_expiry_uses_the_local_clock():
 
 def test_open_mail_refuses_other_recipients_and_mismatched_content():
     with pytest.raises(RemoteError) as err:
-        secral.open_mail(key(2), sealed())
+        open_mail(key(2), sealed())
     assert err.value.code == "wrong_recipient"
     # The sender encrypts to a key that is not the recipient's: signed, unreadable.
-    mail = secral.seal_mail(key(0), Address("Default", key(0).domain), Address("Default", key(2).domain),
+    mail = seal_mail(key(0), Address("Default", key(0).domain), Address("Default", key(2).domain),
                             key(2).public_b64, "s", "b", NOW)
     forged = key(0).sign({**mail, "to": key(1).domain})
     with pytest.raises(RemoteError) as err:
-        secral.open_mail(key(1), forged)
+        open_mail(key(1), forged)
     assert err.value.code == "decrypt_failed"
 
 
@@ -576,13 +640,13 @@ def test_ack_round_trip_and_checks():
 
 def test_auth_binds_the_nonce_and_both_domains():
     nonce = secral.b64e(b"n" * 16)
-    record = secral.make_record(key(0), None, 0, 1, NOW + 100)
+    record = make_record(key(0), None, 0, 1, NOW + 100)
     auth = secral.make_auth(key(0), nonce, key(1).domain)
     assert set(auth) == {"type", "sig"}
     assert secral.verify_auth(auth, record, nonce, key(1).domain) is auth
     for args in ((record, secral.b64e(b"m" * 16), key(1).domain),                     # replayed later
                  (record, nonce, key(2).domain),                                      # relayed to a third node
-                 (secral.make_record(key(2), None, 0, 1, NOW + 100), nonce, key(1).domain)):  # not its key
+                 (make_record(key(2), None, 0, 1, NOW + 100), nonce, key(1).domain)):  # not its key
         with pytest.raises(RemoteError) as err:
             secral.verify_auth(auth, *args)
         assert err.value.code == "bad_signature"
@@ -622,8 +686,24 @@ def test_verify_frame_rejects(frame, code):
 # =============================================================================
 
 def vector_keys() -> dict[str, Identity]:
+    """The test nodes of keys.json and their mail keys, by name."""
     with open(os.path.join(VECTORS, "keys.json")) as f:
-        return {k["name"]: Identity.from_pem(k["private_pem"]) for k in json.load(f)["keys"]}
+        data = json.load(f)
+    return {k["name"]: Identity.from_pem(k["private_pem"]) for k in data["keys"] + data["mail_keys"]}
+
+
+def vector_ring(owner: str) -> secral.MailKeys:
+    """A test node's mail keys as the vectors assume them (spec 11): those of
+    keys.json, but the ones marked deleted, whose ids it remembers."""
+    with open(os.path.join(VECTORS, "keys.json")) as f:
+        data = json.load(f)
+    ring = secral.MailKeys()
+    for k in data["mail_keys"]:
+        if k["owner"] == owner and k.get("deleted"):
+            ring.retired.add(k["id_hex"])
+        elif k["owner"] == owner:
+            ring.add(k["epoch"], Identity.from_pem(k["private_pem"]))
+    return ring
 
 
 def vector_files() -> list[str]:
@@ -679,6 +759,9 @@ def run_vector(v: dict, keys: dict[str, Identity]) -> str:
         return code
     if op == "verify_record":
         return attempt(lambda: secral.verify_record(v["record"], v["now"]))[0]
+    if op == "mail_key_id":
+        assert secral.mail_key_id(v["key"]) == v["id_hex"]
+        return "ok"
     if op == "record_supersedes":
         assert secral.record_supersedes(v["new"], v["old"]) is v["result"]
         return "ok"
@@ -688,7 +771,8 @@ def run_vector(v: dict, keys: dict[str, Identity]) -> str:
                                                      "pss_salt_hex")))
         sender, recipient = secral.parse_address(v["from"]), secral.parse_address(v["to"])
         args = (v["subject"], v["body"], v.get("parts", ()), v.get("in_reply_to"))
-        mail = secral.seal_mail(keys[v["sender_key"]], sender, recipient, keys[v["recipient_key"]].public_b64,
+        record = secral.verify_record(v["recipient_record"], v["created"])
+        mail = secral.seal_mail(keys[v["sender_key"]], sender, recipient, record,
                                 *args[:2], v["created"], v["ttl"], rng, *args[2:])
         assert mail == v["mail"]
         plaintext = secral.make_plaintext(sender, recipient, *args)
@@ -701,7 +785,8 @@ def run_vector(v: dict, keys: dict[str, Identity]) -> str:
     if op == "verify_mail":
         return attempt(lambda: secral.verify_mail(v["mail"], v["now"]))[0]
     if op == "open_mail":
-        code, plain = attempt(lambda: secral.open_mail(keys[v["recipient"]], secral.verify_mail(v["mail"], v["now"])))
+        code, plain = attempt(lambda: secral.open_mail(keys[v["recipient"]], vector_ring(v["recipient"]),
+                                                       secral.verify_mail(v["mail"], v["now"])))
         if code == "ok":
             assert plain == v["plaintext"]
         return code
@@ -743,7 +828,7 @@ def run_vector(v: dict, keys: dict[str, Identity]) -> str:
         assert event == v["event"]
         return code
     if op == "nis_map":
-        node = Node(keys["alice"], Stores.memory(), Config(), v["now"], Counter(9))
+        node = Node(keys["alice"], Stores.memory(), Config(), v["now"], Counter(9), vector_ring("alice"))
         for offer in v["offers"]:
             with contextlib.suppress(RemoteError):
                 node.learn_record(secral.verify_record(offer, v["now"]), v["now"])
@@ -774,10 +859,10 @@ def test_vectors_cover_every_op_and_many_codes():
     assert {"seal_mail", "open_mail", "verify_mail", "make_ack", "verify_ack", "verify_record",
             "verify_auth", "verify_frame", "decode_frame", "domain_of_key", "parse_address",
             "verify_nis_answer", "nis_map", "record_supersedes", "make_auth", "make_certificate",
-            "certificate_key", "make_plaintext", "check_host"} <= ops
+            "certificate_key", "make_plaintext", "check_host", "mail_key_id"} <= ops
     assert {"bad_signature", "malformed", "expired", "too_large", "bad_domain", "decrypt_failed",
             "mismatch", "future", "bad_ttl", "bad_key", "bad_address", "wrong_recipient", "not_json",
-            "unknown_type", "bad_hops"} <= codes
+            "unknown_type", "bad_hops", "unknown_key", "retired_key"} <= codes
 
 
 def test_vectors_regenerate_byte_for_byte():
@@ -806,24 +891,26 @@ def test_interop_an_independent_library_opens_and_verifies_a_sealed_mail():
     sender_pub.verify(base64.b64decode(mail["sig"]), canonical({k: v for k, v in mail.items() if k != "sig"}),
                       padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
     assert mail["from"] == domain_of(base64.b64decode(mail["from_key"]))    # the envelope names domains only
-    private = serialization.load_pem_private_key(key(1).to_pem(), None)
+    mail_key = pool_mail_key(secral.epoch_of(NOW))                # the recipient's key of the week (5.6)
+    assert mail["key_id"] == hashlib.sha256(mail_key.public_der).digest()[:16].hex()
+    private = serialization.load_pem_private_key(mail_key.to_pem(), None)
     aes_key = private.decrypt(base64.b64decode(mail["key"]),
                               padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None))
-    aad = canonical({k: mail[k] for k in ("created", "expires", "from", "id", "to")})
+    aad = canonical({k: mail[k] for k in ("created", "expires", "from", "id", "key_id", "to")})
     inner = AESGCM(aes_key).decrypt(base64.b64decode(mail["nonce"]), base64.b64decode(mail["ct"]), aad)
     assert len(inner) == 1024                                   # the smallest bucket (6.1)
     plain = json.loads(inner)
     assert plain == {"from": f"Default@{mail['from']}", "to": f"Default@{mail['to']}", "subject": "interop ✓",
                      "body": "opened by OpenSSL", "pad": "0" * len(plain["pad"])}
     # And the other way round: OpenSSL seals, Secral opens.
-    recipient_pub = serialization.load_der_public_key(key(1).public_der)
+    recipient_pub = serialization.load_der_public_key(mail_key.public_der)
     aes_key, nonce = os.urandom(32), os.urandom(12)
     theirs = {"kind": "mail", "id": os.urandom(16).hex(), "from": key(0).domain, "to": key(1).domain,
-              "from_key": key(0).public_b64, "created": NOW, "expires": NOW + 60}
+              "from_key": key(0).public_b64, "created": NOW, "expires": NOW + 60, "key_id": mail["key_id"]}
     inner = {"from": f"Default@{key(0).domain}", "to": f"Default@{key(1).domain}", "subject": "s",
              "body": "from OpenSSL", "pad": ""}
     inner["pad"] = "0" * (2048 - len(canonical(inner)))          # any bucket will do
-    aad = canonical({k: theirs[k] for k in ("created", "expires", "from", "id", "to")})
+    aad = canonical({k: theirs[k] for k in ("created", "expires", "from", "id", "key_id", "to")})
     theirs["ct"] = base64.b64encode(AESGCM(aes_key).encrypt(nonce, canonical(inner), aad)).decode()
     theirs["nonce"] = base64.b64encode(nonce).decode()
     theirs["key"] = base64.b64encode(recipient_pub.encrypt(
@@ -831,7 +918,7 @@ def test_interop_an_independent_library_opens_and_verifies_a_sealed_mail():
     signer = serialization.load_pem_private_key(key(0).to_pem(), None)
     theirs["sig"] = base64.b64encode(signer.sign(canonical(theirs), padding.PSS(padding.MGF1(hashes.SHA256()), 32),
                                                  hashes.SHA256())).decode()
-    assert secral.open_mail(key(1), secral.verify_mail(theirs, NOW))["body"] == "from OpenSSL"
+    assert open_mail(key(1), secral.verify_mail(theirs, NOW))["body"] == "from OpenSSL"
     # The certificate (8.1) is ordinary X.509 v3: OpenSSL reads it, its self-signature
     # verifies, and its SubjectPublicKeyInfo is the node key, whose hash is the domain.
     cert = x509.load_der_x509_certificate(key(0).certificate)
@@ -919,7 +1006,7 @@ def dial_by_hand(listener: Node, me: Identity, now: float = NOW, conn: int = 77)
     auth over its nonce and its domain.  Returns the listener's actions."""
     actions = listener.connection_made(conn, "10.3.3.3", now)
     hello = next(a.frame for a in actions if isinstance(a, Send))
-    mine = secral.make_record(me, None, 0, 1, int(now) + 3600)
+    mine = make_record(me, None, 0, 1, int(now) + 3600)
     actions += listener.line_received(conn, secral.encode_frame(secral.make_hello(mine, os.urandom(16))), now)
     assert listener.peers[conn].state == "auth"
     auth = secral.make_auth(me, hello["nonce"], listener.domain)
@@ -1039,7 +1126,7 @@ def test_a_ban_ends_unfinished_handshakes_from_that_address():
 
 def test_a_full_node_evicts_by_the_inbound_table():
     """9.3 "Inbound caps", row by row, on peers set up by hand."""
-    node = Node(key(0), Stores.memory(), Config(), NOW, Counter(1))
+    node = Node(key(0), Stores.memory(), Config(), NOW, Counter(1), pool_ring())
     slots = node.links.slots
 
     def peer(conn, ip, opened, domain=None, score=0, last_object=None):
@@ -1114,13 +1201,17 @@ def test_a_peer_sending_a_subject_with_a_line_separator_gets_a_rejected_ack():
     assert wire.inbox("b") == []
 
 
-def sealed_raw(sender: int, recipient: int, plain: dict, now: int = NOW, pad: bool = True) -> dict:
+def sealed_raw(sender: int, recipient: int, plain: dict, now: int = NOW, pad: bool = True,
+               mail_key: Identity | None = None) -> dict:
     """A mail sealed around any plaintext, bypassing the sealer's own checks:
     what a hostile or broken sender could make.  `plain` may override the
-    sealed addresses; the plaintext is padded to a bucket unless pad=False."""
+    sealed addresses; the plaintext is padded to a bucket unless pad=False.
+    It is sealed to `mail_key`, by default the pool's for now's epoch."""
     identity, to = key(sender), key(recipient)
+    mail_key = mail_key or pool_mail_key(secral.epoch_of(now))
     mail = {"kind": "mail", "id": os.urandom(16).hex(), "from": identity.domain, "to": to.domain,
-            "from_key": identity.public_b64, "created": now, "expires": now + 3600}
+            "from_key": identity.public_b64, "created": now, "expires": now + 3600,
+            "key_id": secral.mail_key_id(mail_key.public_b64)}
     plain = {"from": f"Default@{identity.domain}", "to": f"Default@{to.domain}", "pad": "", **plain}
     size = len(secral.canonical_json(plain))
     if pad:
@@ -1129,7 +1220,7 @@ def sealed_raw(sender: int, recipient: int, plain: dict, now: int = NOW, pad: bo
     aes, nonce = os.urandom(32), os.urandom(12)
     mail["ct"] = secral.b64e(secral.seal_gcm(aes, nonce, plaintext, secral.envelope_of(mail)))
     mail["nonce"] = secral.b64e(nonce)
-    mail["key"] = secral.b64e(secral.wrap_key(to.key.public_key(), aes))
+    mail["key"] = secral.b64e(secral.wrap_key(mail_key.key.public_key(), aes))
     return identity.sign(mail)
 
 
@@ -1137,7 +1228,7 @@ def test_mail_from_core_is_refused_by_its_recipient():
     # A relay cannot see the sealed sender; the recipient refuses it, with a signed ack.
     mail = sealed_raw(0, 1, {"from": f"Core@{key(0).domain}", "subject": "s", "body": "b"})
     with pytest.raises(RemoteError) as err:
-        secral.open_mail(key(1), secral.verify_mail(mail, NOW))
+        open_mail(key(1), secral.verify_mail(mail, NOW))
     assert err.value.code == "bad_address"
     wire, a, b = two_nodes()
     wire.transmit("a", wire.conn_between("a", "b"), {"type": "mail", "hops": 8, "mail": mail})
@@ -1153,17 +1244,17 @@ def test_work_ahead_changes_no_result_and_signs_nothing_twice():
     wire, a, b = two_nodes()
     mail = sealed(1, 0, subject="ahead", body="b")          # from b's key to a's Default
     frame = {"type": "mail", "hops": 8, "mail": mail}
-    secral.work_ahead(frame, a.identity, a.stores, wire.now)
+    secral.work_ahead(frame, a.identity, a.mail_keys, a.stores, wire.now)
     [(signed_key, signature)] = list(secral.SIGNED_AHEAD.entries.items())
     wire.transmit("b", wire.conn_between("b", "a"), frame)
     [ack] = [f["ack"] for f in wire.frames("a", "ack") if f["ack"]["id"] == mail["id"]]
     assert secral.b64d(ack["sig"], "sig") == signature          # the core used it ...
     assert not secral.SIGNED_AHEAD.entries                       # ... once
     assert secral.verify_ack(ack, NOW)["status"] == "delivered"
-    secral.work_ahead(frame, a.identity, a.stores, wire.now)     # a replay: already answered
+    secral.work_ahead(frame, a.identity, a.mail_keys, a.stores, wire.now)     # a replay: already answered
     assert not secral.SIGNED_AHEAD.entries
     nobody = sealed_raw(1, 0, {"to": f"nobody@{key(0).domain}", "subject": "s", "body": "b"})
-    secral.work_ahead({"type": "mail", "hops": 8, "mail": nobody}, a.identity, a.stores, wire.now)
+    secral.work_ahead({"type": "mail", "hops": 8, "mail": nobody}, a.identity, a.mail_keys, a.stores, wire.now)
     wire.transmit("b", wire.conn_between("b", "a"), {"type": "mail", "hops": 8, "mail": nobody})
     [ack] = [f["ack"] for f in wire.frames("a", "ack") if f["ack"]["id"] == nobody["id"]]
     assert (ack["status"], ack["reason"]) == ("rejected", "no_such_user") and not secral.SIGNED_AHEAD.entries
@@ -1174,7 +1265,7 @@ def test_a_mail_sealed_off_the_lock_is_taken_as_it_is():
     lock (issue 17); the core takes that mail, id and times included, and
     refuses one that is not the mail submitted."""
     wire, a, b = two_nodes()
-    sealed_mail = secral.seal_mail(key(0), Address("Default", a.domain), Address("Default", b.domain),
+    sealed_mail = seal_mail(key(0), Address("Default", a.domain), Address("Default", b.domain),
                                    b.identity.public_b64, "s", "body", int(wire.now), 3600)
     mail_id, actions = a.submit("Default", addr(b), "s", "body", wire.now, 3600, sealed=sealed_mail)
     wire.run("a", actions)
@@ -1321,7 +1412,7 @@ def test_junk_mail_earns_its_sender_nothing():
     wire.connect("a", "r")
     conn = wire.conn_between("a", "r")
     for i in range(5):                          # valid, signed, and for nobody who will answer
-        junk = secral.seal_mail(key(0), Address("Default", key(0).domain), Address("x", key(5).domain),
+        junk = seal_mail(key(0), Address("Default", key(0).domain), Address("x", key(5).domain),
                                 key(5).public_b64, f"junk {i}", "x", int(wire.now))
         wire.transmit("a", conn, {"type": "mail", "hops": 8, "mail": junk})
     assert len(r.items) == 5 and r.score(a.domain, wire.now) == 0
@@ -1453,7 +1544,7 @@ def test_a_relay_restarted_without_its_seen_set_counts_each_mail_once():
     assert r.quota.items == 1
     # A kill -9 before the seen-set was saved: the same stores, no seen keys.
     r.stores.seen.clear()
-    again = Node(key(2), r.stores, r.config, wire.now, Counter(7))
+    again = Node(key(2), r.stores, r.config, wire.now, Counter(7), r.mail_keys)
     again.name = "r"
     wire.stop("r")
     wire.nodes["r"] = again
@@ -1504,9 +1595,9 @@ def test_every_valid_mail_fits_in_a_frame():
     quotes = secral.MAX_PLAINTEXT - base        # make the plaintext exactly the limit
     body = '"' * quotes + "x" * (secral.MAX_BODY - quotes)
     assert len(secral.make_plaintext(sender, recipient, subject, body)) == secral.MAX_PLAINTEXT
-    worst = secral.seal_mail(key(0), sender, recipient, key(1).public_b64, subject, body, NOW)
+    worst = seal_mail(key(0), sender, recipient, key(1).public_b64, subject, body, NOW)
     frame = {"type": "mail", "hops": 8, "mail": worst}
-    assert secral.open_mail(key(1), secral.verify_mail(worst, NOW))["body"] == body
+    assert open_mail(key(1), secral.verify_mail(worst, NOW))["body"] == body
     assert len(secral.encode_frame(frame)) < secral.MAX_LINE
     wire, a, b = two_nodes()
     with pytest.raises(secral.LocalError) as err:     # the user's mail: our side refuses it
@@ -1594,7 +1685,7 @@ def test_forged_nis_answer_is_penalised_and_the_true_one_wins():
     qid = next(x.frame["qid"] for x in actions if isinstance(x, Send))
     wire.run("a", actions)
     # The liar answers first with a record for the domain signed by its own key.
-    fake = secral.make_record(key(1), "6.6.6.6", 666, 10**9, int(wire.now) + 100)
+    fake = make_record(key(1), "6.6.6.6", 666, 10**9, int(wire.now) + 100)
     fake = key(1).sign({**fake, "domain": owner.domain})
     wire.transmit("liar", wire.conn_between("liar", "a"), {"type": "nis_answer", "qid": qid, "record": fake})
     assert a.known_record(owner.domain, wire.now) == owner.record
@@ -1633,7 +1724,7 @@ def test_nis_map_eviction_keeps_what_waits_and_never_crashes(monkeypatch):
     wire.connect("r", "b")
     mail_id = wire.submit("a", addr(b))         # waits for b's record, then seals
     for i in range(3, 6):                       # more records than the map holds
-        wire.run("a", a.learn_record(secral.make_record(key(i), None, 0, 1, int(wire.now) + 999),
+        wire.run("a", a.learn_record(make_record(key(i), None, 0, 1, int(wire.now) + 999),
                                      wire.now))
     wire.pump()
     assert wire.status("a", mail_id) == "delivered"
@@ -1642,7 +1733,7 @@ def test_nis_map_eviction_keeps_what_waits_and_never_crashes(monkeypatch):
 
 @pytest.mark.parametrize("host", ["a..b", "-a.b", "fe80::1%eth0", "1.2.3", "x" * 254, "exa mple.org"])
 def test_records_with_unusable_hosts_are_refused(host):
-    record = key(0).sign({**secral.make_record(key(0), "example.org", 7700, 1, NOW + 100), "host": host})
+    record = key(0).sign({**make_record(key(0), "example.org", 7700, 1, NOW + 100), "host": host})
     with pytest.raises(RemoteError) as err:
         secral.verify_record(record, NOW)
     assert err.value.code == "malformed"
@@ -1650,7 +1741,7 @@ def test_records_with_unusable_hosts_are_refused(host):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "224.0.0.1", "255.255.255.255", "0x7f.1", "10.1"])
 def test_records_cannot_point_at_unroutable_or_disguised_addresses(host):
-    record = key(0).sign({**secral.make_record(key(0), "example.org", 7700, 1, NOW + 100), "host": host})
+    record = key(0).sign({**make_record(key(0), "example.org", 7700, 1, NOW + 100), "host": host})
     with pytest.raises(RemoteError):
         secral.verify_record(record, NOW)
     for fine in ("127.0.0.1", "localhost", "::1", "10.0.0.7", "node1.example.org"):
@@ -2145,7 +2236,7 @@ class LiveNode:
                              bootstrap=tuple(("127.0.0.1", p.port) for p in peers), **config)
         local = ("127.0.0.1", 0) if mail else None
         self.shell = secral.NodeShell(self.data_dir, self.config, ("127.0.0.1", 0), smtp=local, pop3=local,
-                                      imap=local)
+                                      imap=local, mail_key_source=secral.mail_key_pool(mail_key_files()))
         self.shell.start()
         self.port = self.shell.port
         self.mail_ports = {n: srv.server_address[1] for n, srv in self.shell.mail_servers.items()}
@@ -2245,7 +2336,7 @@ class RawPeer(secral.WirePeer):
     opened: list["RawPeer"] = []              # closed after each test (see close_raw_peers)
 
     def __init__(self, port: int, identity: Identity | None, source: str = "127.0.0.1"):
-        super().__init__(port, identity, source)
+        super().__init__(port, identity, source, pool_mail_key(secral.epoch_of(time.time())))
         self.received: list[dict] = []
         RawPeer.opened.append(self)
 
@@ -2261,8 +2352,8 @@ class RawPeer(secral.WirePeer):
             if frame is None or frame["type"] == type:
                 return frame
 
-    def handshake(self) -> dict:
-        record = super().handshake()            # it waits for the pong that says "open"
+    def handshake(self, now: int | None = None) -> dict:
+        record = super().handshake(now)         # it waits for the pong that says "open"
         self.peer_record = record
         return {"record": record}
 
@@ -2279,7 +2370,7 @@ def test_raw_third_party_peer_delivers_mail_and_gets_a_valid_ack(live):
     a = live(23)
     peer = RawPeer(a.port, key(24))
     hello = peer.handshake()
-    mail = secral.seal_mail(key(24), Address("Default", key(24).domain), Address("Default", a.domain),
+    mail = seal_mail(key(24), Address("Default", key(24).domain), Address("Default", a.domain),
                             hello["record"]["key"], "from a stranger", "hello", int(time.time()))
     peer.send({"type": "mail", "hops": 8, "mail": mail})
     ack = peer.wait_for("ack")["ack"]
@@ -2389,7 +2480,7 @@ def test_a_listener_speaks_tls13_only_and_its_certificate_is_its_domain(live):
         assert secral.domain_of_key(secral.certificate_key(der)) == node.domain
         assert der == node.identity.certificate
         hello = secral.decode_frame(tls.makefile("rb").readline())
-        assert hello["type"] == "hello" and hello["v"] == 2 and hello["record"]["domain"] == node.domain
+        assert hello["type"] == "hello" and hello["v"] == secral.PROTOCOL_VERSION == 3 and hello["record"]["domain"] == node.domain
     old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
     old.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -2470,7 +2561,7 @@ class NodeProcess:
         self.log = open(os.path.join(data_dir, "node.log"), "ab")
         self.proc = subprocess.Popen(
             [PYTHON, SCRIPT, "node", "--json", "--data-dir", data_dir, "--host", "127.0.0.1", "--port", "0",
-             *extra],
+             "--test-key-pool", mail_key_files(), *extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline()         # node --json: one line once it runs
         if not line:
@@ -2805,7 +2896,7 @@ def test_errors_a_script_can_read(procs, tmp_path):
     [sent] = json.loads(cli("outbox", "--json", data_dir=A).stdout)
     assert set(sent) == {"id", "folder", "from", "to", "subject", "created", "expires", "status", "reason",
                          "note", "lookups", "last_lookup", "sent", "acked", "submitted_ms", "done_ms",
-                         "contact"}
+                         "contact", "key_id"}
     [got] = json.loads(cli("inbox", "--json", data_dir=A).stdout)
     assert got["user"] == "Default"                 # the name as the user wrote it
 
@@ -2957,7 +3048,7 @@ def test_a_relay_killed_in_the_middle_of_a_group_commit_forwarded_nothing_it_had
     pusher, sink = RawPeer(relay.port, key(61)), RawPeer(relay.port, key(62), source="127.0.0.2")
     pusher.handshake()
     sink.handshake()                            # the target: the relay forwards to it at once (7.2)
-    mails = [secral.seal_mail(key(61), Address("Default", key(61).domain), Address("Default", key(62).domain),
+    mails = [seal_mail(key(61), Address("Default", key(61).domain), Address("Default", key(62).domain),
                               key(62).public_b64, f"burst {n}", "x", now_int()) for n in range(150)]
     forwarded: list[str] = []
 
@@ -3021,6 +3112,149 @@ def test_no_mail_is_lost_when_relay_and_recipient_are_killed(procs, tmp_path):
     assert sorted(m["subject"] for m in inbox) == sorted(f"mail {n}" for n in range(24))
 
 
+# -- forward secrecy: epoch mail keys (spec 5.6), with a moved clock --------------
+
+def set_clock(path: str, at: float, *running: str) -> float:
+    """Move every node on this clock file to Unix time `at` (no sleeping),
+    and wait until the nodes `running` (data directories) have read it."""
+    with open(path, "w") as f:
+        f.write(str(int(at - time.time())))
+    for data_dir in running:
+        eventually(lambda: status(data_dir)["time"] >= at - 2)
+    return at
+
+
+def key_material(identity: Identity) -> list[bytes]:
+    """What would betray a private key in a file: its private exponent and
+    primes (raw, big-endian), its DER, and the lines of its PEM past the
+    modulus (which the public key shares)."""
+    numbers = [identity.key.d, identity.key.p, identity.key.q]
+    raw = [n.to_bytes((n.bit_length() + 7) // 8, "big") for n in numbers]
+    pem = identity.to_pem().decode().splitlines()[1:-1]
+    return raw + [identity.key.export_key(format="DER", pkcs=8)] + [line.encode() for line in pem[10:]]
+
+
+def files_holding(directory: str, secrets: list[bytes]) -> list[str]:
+    found = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            data = read_bytes(os.path.join(root, name))
+            found += [os.path.join(root, name) for secret in secrets if secret in data]
+    return found
+
+
+def listed_key(record: dict, epoch: int) -> Identity:
+    """The pool mail key a node listed for `epoch` (its private half, known to the test)."""
+    [public] = [k["key"] for k in record["mail_keys"] if k["epoch"] == epoch]
+    return next(pool_mail_key(e) for e in range(MAIL_KEY_POOL) if pool_mail_key(e).public_b64 == public)
+
+
+def test_a_mail_key_opens_mail_until_its_deletion_and_is_then_in_no_file(procs, tmp_path):
+    """Spec 5.6, 12.4: a mail sealed at the very end of epoch E, held while
+    its recipient is away, opens when the recipient is back just before E's
+    key is deleted; at the deletion time the key's private half is gone from
+    every file under the data directory; a mail then sealed to it (by a
+    sender with a stale record and a fresh `created`) is answered with a
+    rejected ack that says `retired_key`, and one sealed to a key B never
+    had with `unknown_key`."""
+    A, B = str(tmp_path / "A"), str(tmp_path / "B")
+    clock = str(tmp_path / "clock")
+    set_clock(clock, time.time())
+    a = procs(A, 70, "--clock-file", clock)
+    b = procs(B, 71, "--peer", f"127.0.0.1:{a.port}", "--clock-file", clock)
+    epoch = secral.epoch_of(time.time())
+    eventually(lambda: len(status(B)["mail_keys"]["listed"]) >= 5)     # made ahead, record re-signed
+    record = eventually(lambda: (r := json.loads(cli("nis", "lookup", b.domain, "--json", data_dir=A).stdout))
+                        and len(r["mail_keys"]) >= 5 and r)
+    secret = listed_key(record, epoch)
+    b.stop()
+    set_clock(clock, (epoch + 1) * secral.MAIL_KEY_EPOCH - 30, A)      # the last 30 s of epoch E
+    sent = json.loads(cli("send", b.address(), "-s", "end of E", "-b", "sealed in E", "--json", data_dir=A).stdout)
+    assert sent["key_id"] == secral.mail_key_id(secret.public_b64)
+    deletion = secral.mail_key_deletion(epoch)
+    set_clock(clock, deletion - 1830)           # the mail expires at deletion - 1230: still valid
+    b = procs(B, 71, "--peer", f"127.0.0.1:{a.port}", "--clock-file", clock)
+    eventually(lambda: outbox(A)[sent["id"]] == "delivered", timeout=30)
+    assert "sealed in E" in cli("read", sent["id"][:8], data_dir=B).stdout
+    assert epoch in status(B)["mail_keys"]["held"] and files_holding(B, key_material(secret))
+
+    now = set_clock(clock, deletion + 1, A, B)
+    eventually(lambda: epoch not in status(B)["mail_keys"]["held"])
+    assert f"{epoch}.pem" not in os.listdir(os.path.join(B, "mail-keys"))
+    assert files_holding(B, key_material(secret)) == []
+    assert files_holding(A, key_material(secret)) == []
+
+    peer = RawPeer(b.port, key(72))
+    peer.handshake(now=int(now))
+    stale = sealed_raw(72, 71, {"subject": "stale", "body": "x"}, now=int(now), mail_key=secret)
+    never = sealed_raw(72, 71, {"subject": "never", "body": "y"}, now=int(now), mail_key=key(73))
+    for mail in (stale, never):
+        peer.send({"type": "mail", "hops": 8, "mail": mail})
+    acks = {}
+    while len(acks) < 2 and (frame := peer.recv()) is not None:
+        if frame["type"] == "ack":
+            acks[frame["ack"]["id"]] = (frame["ack"]["status"], frame["ack"]["reason"])
+    assert acks == {stale["id"]: ("rejected", "retired_key"), never["id"]: ("rejected", "unknown_key")}
+    peer.close()
+
+
+def test_a_node_offline_for_its_records_lifetime_reads_what_is_still_valid(procs, tmp_path):
+    """Spec 5.6: B's record lists a mail key for every epoch of its 30 days.
+    B goes away for all of them; A seals a mail late in each epoch, to that
+    epoch's key.  B comes back just before its record expires: every mail
+    still alive opens, each with its own epoch's key; the older ones had
+    expired (7 days is the longest a mail lives), and B had deleted their
+    keys, which is the point."""
+    A, B = str(tmp_path / "A"), str(tmp_path / "B")
+    clock = str(tmp_path / "clock")
+    set_clock(clock, time.time())
+    a = procs(A, 74, "--clock-file", clock)
+    b = procs(B, 75, "--peer", f"127.0.0.1:{a.port}", "--clock-file", clock)
+    record = eventually(lambda: (r := json.loads(cli("nis", "lookup", b.domain, "--json", data_dir=A).stdout))
+                        and r["expires"] - time.time() > secral.RECORD_LIFETIME - 600 and r)
+    b.stop()
+    expires, sent = record["expires"], {}
+    for entry in record["mail_keys"]:          # late in each epoch, or just before B returns
+        at = set_clock(clock, min((entry["epoch"] + 1) * secral.MAIL_KEY_EPOCH - 60, expires - 3600), A)
+        out = json.loads(cli("send", b.address(), "-s", f"epoch {entry['epoch']}", "-b", "x", "--json",
+                             data_dir=A).stdout)
+        assert out["key_id"] == secral.mail_key_id(entry["key"])
+        sent[out["id"]] = (entry["epoch"], at)
+    back = set_clock(clock, expires - 600)
+    procs(B, 75, "--peer", f"127.0.0.1:{a.port}", "--clock-file", clock)
+    alive = {i for i, (_, at) in sent.items() if at + secral.MAX_TTL > back}
+    assert len({sent[i][0] for i in alive}) >= 2          # mail sealed to two epoch keys, at least
+    eventually(lambda: outbox(A) == {i: "delivered" if i in alive else "expired" for i in sent}, timeout=60)
+    inbox = json.loads(cli("inbox", "--json", data_dir=B).stdout)
+    assert sorted(m["subject"] for m in inbox) == sorted(f"epoch {sent[i][0]}" for i in alive)
+    held = status(B)["mail_keys"]["held"]
+    assert all(secral.mail_key_deletion(e) > back for e in held)
+    assert {sent[i][0] for i in alive} <= set(held)
+
+
+def test_a_node_that_lost_its_mail_keys_refuses_mail_to_them_and_the_sender_is_told(procs, tmp_path):
+    """Spec 6.3, 7.4: B restored without mail-keys/ (as 12.4 advises for
+    backups) cannot open mail sealed to its old keys; it says unknown_key,
+    never tries another key, and A's outbox and inbox (a bounce) show it."""
+    A, B = str(tmp_path / "A"), str(tmp_path / "B")
+    a = procs(A, 76)
+    b = procs(B, 77, "--peer", f"127.0.0.1:{a.port}")
+    eventually(lambda: b.domain in peers_of(A))
+    b.stop()
+    sent = json.loads(cli("send", b.address(), "-s", "to the old key", "-b", "x", "--json", data_dir=A).stdout)
+    shutil.rmtree(os.path.join(B, "mail-keys"))
+    fresh = str(tmp_path / "fresh")              # other keys than the ones B lost
+    for n in range(78, 84):
+        secral.save_identity(key(n), os.path.join(fresh, f"{n}.pem"))
+    b = procs(B, 77, "--peer", f"127.0.0.1:{a.port}", "--test-key-pool", fresh)
+    eventually(lambda: outbox(A)[sent["id"]] == "rejected", timeout=30)
+    entry = json.loads(cli("outbox", "--json", data_dir=A).stdout)[0]
+    assert entry["reason"] == "unknown_key"
+    bounce = [m for m in json.loads(cli("inbox", "--json", data_dir=A).stdout) if m["from"].startswith("Core@")]
+    assert len(bounce) == 1 and bounce[0]["subject"] == "Undelivered: to the old key"
+    assert json.loads(cli("inbox", "--json", data_dir=B).stdout) == []
+
+
 # =============================================================================
 # NIS over real sockets
 # =============================================================================
@@ -3048,17 +3282,16 @@ def test_nis_lookup_along_a_chain_of_five_despite_a_forger(live, tmp_path):
         while (frame := forger.recv()) is not None:
             if frame["type"] == "nis_query":
                 now = int(time.time())
-                wrong_key = secral.make_record(key(56), "127.0.0.1", 1, 2**40, now + 600)
+                wrong_key = make_record(key(56), "127.0.0.1", 1, 2**40, now + 600)
                 for bad in (key(56).sign({**wrong_key, "domain": frame["domain"]}),
                             {**owner.shell.core.record, "host": "127.0.0.66"}):
                     forger.send({"type": "nis_answer", "qid": frame["qid"], "record": bad})
                     forgeries.append(bad)
     threading.Thread(target=forge, daemon=True).start()
-
     result = cli("nis", "lookup", owner.domain, "--json", "--timeout", "15", data_dir=asker.data_dir)
     record = json.loads(result.stdout)
     assert record["domain"] == owner.domain and record["key"] == owner.identity.public_b64
-    assert record["sig"] == owner.shell.core.record["sig"]
+    assert record["seq"] <= owner.shell.core.record["seq"]   # (it re-signs as its mail keys are made)
     assert len(forgeries) == 2
     with asker.shell.lock:                  # one answer per peer asked: one forgery scored
         assert asker.shell.core.score(key(56).domain, time.time()) == \
@@ -3297,7 +3530,7 @@ def test_hostile_line_limits_and_slow_lines(target, monkeypatch):
 
 
 def test_hostile_replayed_handshake_and_borrowed_identity(target):
-    record = secral.make_record(key(120), None, 0, 1, now_int() + 3600)
+    record = make_record(key(120), None, 0, 1, now_int() + 3600)
     first = Attacker(target.port, 120)              # a genuine handshake, recorded
     hello = first.wait_for("hello")
     first.send(secral.make_hello(record, os.urandom(16)))
@@ -3339,7 +3572,7 @@ def test_hostile_relayed_auth_cannot_borrow_an_identity(live, no_crashes, tmp_pa
     from_u = to_u.makefile("rb")
     to_v = Attacker(v.port, 127, key_index=127)
     v_hello = to_v.wait_for("hello")
-    m_record = secral.make_record(m_id, "127.0.0.1", server.getsockname()[1], 1, now_int() + 3600)
+    m_record = make_record(m_id, "127.0.0.1", server.getsockname()[1], 1, now_int() + 3600)
     to_u.sendall(secral.encode_frame(secral.make_hello(m_record, secral.b64d(v_hello["nonce"], "n"))))
     frames = [secral.decode_frame(from_u.readline()) for _ in range(2)]
     assert [f["type"] for f in frames] == ["hello", "auth"]
@@ -3358,7 +3591,7 @@ def test_hostile_relayed_auth_cannot_borrow_an_identity(live, no_crashes, tmp_pa
 
 def mail_frame(sender: int, recipient: Identity, hops: int = 8, **change) -> dict:
     now = now_int()
-    mail = secral.seal_mail(key(sender), Address("Default", key(sender).domain), Address("Default", recipient.domain),
+    mail = seal_mail(key(sender), Address("Default", key(sender).domain), Address("Default", recipient.domain),
                             recipient.public_b64, "attack", "body", change.pop("created", now),
                             change.pop("ttl", 600))
     if change:
@@ -3464,7 +3697,7 @@ def test_hostile_records_naming_a_third_party_get_nobody_banned_but_their_owners
         supplier.handshake()
         liars = [key(i) for i in range(201, 206)]
         supplier.send({"type": "peers", "records": [
-            secral.make_record(k, "127.0.0.1", service.port, 1, now_int() + 3600) for k in liars]})
+            make_record(k, "127.0.0.1", service.port, 1, now_int() + 3600) for k in liars]})
         eventually(lambda: service.accepted >= len(liars))
         lie = secral.REPUTATION_EVENTS["bad_record"][0]
         eventually(lambda: all(score_of(target, f"domain:{k.domain}") == lie for k in liars))
@@ -3488,7 +3721,7 @@ def test_hostile_query_flood_leaves_room_for_other_peers_questions(target, monke
     honest = target.honest
     known = key(215)                            # a record only the honest node has
     with honest.shell.lock:
-        honest.shell.core.learn_record(secral.make_record(known, None, 0, 1, now_int() + 3600),
+        honest.shell.core.learn_record(make_record(known, None, 0, 1, now_int() + 3600),
                                        time.time())
     for key_index in (216, 142):
         flooder = Attacker(target.port, 216, key_index=key_index)
@@ -3545,7 +3778,7 @@ def relay_flood(target, flooder: "Attacker", until, most: int = 200) -> int:
         if until():
             return sent
         for i in range(sent, sent + 8):
-            flooder.send({"type": "mail", "hops": 8, "mail": secral.seal_mail(
+            flooder.send({"type": "mail", "hops": 8, "mail": seal_mail(
                 key(flooder.key_index), Address("Default", key(flooder.key_index).domain),
                 Address("Default", nowhere.domain), nowhere.public_b64, f"big {i}",
                 "x" * secral.MAX_BODY, now_int())})
@@ -3657,7 +3890,7 @@ def test_hostile_handshake_churn_evicts_the_churner_not_a_slow_newcomer(target):
     for _ in range(20):
         churn.append(Attacker(target.port, 142, key_index=142))
         assert churn[-1].wait_for("hello")
-    mine = secral.make_record(key(141), None, 0, now_int(), now_int() + 3600)
+    mine = make_record(key(141), None, 0, now_int(), now_int() + 3600)
     slow.send(secral.make_hello(mine, os.urandom(secral.HELLO_NONCE)))
     slow.send(secral.make_auth(key(141), hello["nonce"], target.domain))
     slow.send({"type": "ping"})
@@ -3759,13 +3992,13 @@ def test_fuzz_verify_functions_only_raise_remote_errors():
     now = NOW
     valid = {
         "mail": sealed(0, 1), "ack": secral.make_ack(key(1), sealed(0, 1), "delivered", "", NOW),
-        "record": secral.make_record(key(0), "127.0.0.1", 7700, 1, NOW + 100),
+        "record": make_record(key(0), "127.0.0.1", 7700, 1, NOW + 100),
     }
     checks = [
         lambda o: secral.verify_mail(o, now), lambda o: secral.verify_ack(o, now),
         lambda o: secral.verify_record(o, now), lambda o: secral.verify_frame(o if isinstance(o, dict) and
                                                                               isinstance(o.get("type"), str) else {"type": "x"}),
-        lambda o: secral.open_mail(key(1), secral.verify_mail(o, now)),
+        lambda o: open_mail(key(1), secral.verify_mail(o, now)),
         lambda o: secral.verify_nis_answer({"record": o}, key(0).domain, now),
         lambda o: secral.parse_address(o), lambda o: secral.b64d(o, "x"),
     ]
@@ -4207,6 +4440,22 @@ def test_a_thunderbird_shaped_imap_session(imap_pair):
     again.logout()
 
 
+def test_in_reply_to_names_the_node_that_sent_the_mail_answered():
+    """A reply threads under a mail we sent, and a follow-up under the
+    sender's own earlier mail: In-Reply-To names the node that sent it."""
+    stores, own, other = Stores.memory(), key(0).domain, key(1).domain
+    mine, theirs = "a" * 32, "b" * 32
+    stores.outbox[mine] = {"id": mine}
+    stores.inbox[secral.mail_key(other, theirs)] = {"id": theirs}
+    entry = {"id": "c" * 32, "from": f"Default@{other}", "to": f"Default@{own}", "subject": "Re", "body": "x",
+             "created": NOW, "parts": []}
+    for answered, domain in ((mine, own), (theirs, other), ("d" * 32, None)):
+        entry["in_reply_to"] = answered
+        assert secral.replied_domain(stores, own, entry) == domain
+        message = secral.message_of(entry, replied=domain).decode()
+        assert f"In-Reply-To: <{answered}@{domain or own}>" in message
+
+
 def test_whole_messages_arrive_as_they_were_sent(imap_pair):
     """HTML, a binary attachment, an inline image, a forwarded message and a
     second text part go through SMTP, the network and IMAP and POP3 as the
@@ -4364,6 +4613,8 @@ HOSTILE_IMAP = [
     b"t6 LOGIN a b)",
     b"t7 " + b"(" * 50 + b")" * 50,
     b"t8 \xff\xfe\x00binary",
+    b"t10 LOGIN {9000} x",                      # not a literal (not at the end): BAD
+    b"t11 LOGIN {9000}",                        # before login, a literal that big is refused unsent
     b"t9 LOGIN {5}",                             # a literal then a hang-up: answered below
 ]
 
@@ -4381,15 +4632,22 @@ def test_imap_answers_bad_to_anything_malformed_and_goes_on(imap_pair):
     b("send", to=b.address("bob"), subject="to myself", body="a note", user="bob")
     eventually(lambda: b("inbox", user="bob"))
     wire.command("SELECT INBOX")
-    for command in ["FETCH 2 (FLAGS)", "FETCH 0 (FLAGS)", "UID FETCH 1 (BODY[2])", "UID FETCH 1 (BODY[1.HEADER])",
-                    "UID FETCH 1 (BODY[1.2.3.4.5.6.7.8.9.10.11.12] BODY[1.MIME] BODY[TEXT]<99999.3>)", "FETCH 1:x (FLAGS)", "UID FETCH 1:* (NOSUCH)",
-                    "UID FETCH 1:* BODY[HEADER.FIELDS ()]", "UID FETCH 1:* BODY[1.MIME", "UID FETCH 1:* BODY[0]",
-                    "UID STORE 1 FLAGS (\\Recent)", "UID STORE 1 XFLAGS (\\Seen)", "UID SEARCH", "UID SEARCH OR SEEN",
-                    "UID SEARCH SINCE 32-Foo-2026", "UID SEARCH LARGER x", "UID SEARCH CHARSET KOI8-R ALL",
-                    "UID BOGUS 1", "APPEND INBOX (\\Seen)", "UID COPY 1 Nowhere"]:
+    for command, status in [
+            ("FETCH 2 (FLAGS)", "BAD"), ("FETCH 0 (FLAGS)", "BAD"), ("FETCH 1:x (FLAGS)", "BAD"),
+            ("UID FETCH 1 (BODY[2])", "NO"), ("UID FETCH 1 (BODY[1.HEADER])", "NO"),     # no such part
+            ("UID FETCH 1 (BODY[1.2.3.4.5.6.7.8.9.10.11.12] BODY[1.MIME] BODY[TEXT]<99999.3>)", "NO"),
+            ("UID FETCH 1:* (NOSUCH)", "BAD"), ("UID FETCH 1:* BODY[HEADER.FIELDS ()]", "BAD"),
+            ("UID FETCH 1:* BODY[1.MIME", "BAD"), ("UID FETCH 1:* BODY[0]", "BAD"),
+            ("UID STORE 1 FLAGS (\\Recent)", "BAD"), ("UID STORE 1 XFLAGS (\\Seen)", "BAD"),
+            ("UID SEARCH", "BAD"), ("UID SEARCH OR SEEN", "BAD"), ("UID SEARCH SINCE 32-Foo-2026", "BAD"),
+            ("UID SEARCH LARGER x", "BAD"), ("UID SEARCH CHARSET KOI8-R ALL", "NO"),
+            ("UID SEARCH " + "NOT " * 5000 + "ALL", "BAD"), ("UID SEARCH " + "OR ALL " * 3000 + "ALL", "BAD"),
+            ("UID BOGUS 1", "BAD"), ("APPEND INBOX (\\Seen)", "BAD"), ("UID COPY 1 Nowhere", "NO"),
+            ('LIST "" "' + "*" * 200 + 'Q"', "OK")]:         # a pattern that would make a regex backtrack
         answer = wire.command(command)[1]
-        assert re.match(rb"t\d+ (BAD|NO|OK) ", answer), (command, answer)
-        assert not answer.startswith(b"t") or b"SERVERBUG" not in answer, command
+        assert re.match(rb"t\d+ %s " % status.encode(), answer), (command, answer)
+    wire.send(b"t48 IDLE\r\nDONE\r\n")                # DONE in the same write as IDLE
+    assert wire.until(b"t48")[1].startswith(b"t48 OK")
     wire.send(b"t50 APPEND Nowhere {1}\r\n")
     assert wire.response().startswith(b"+ ")
     wire.send(b"x\r\n")
@@ -4403,6 +4661,33 @@ def test_imap_answers_bad_to_anything_malformed_and_goes_on(imap_pair):
     other = imap_client(b, "bob", "bob-password")              # and costs nobody else anything
     assert other.select("INBOX")[0] == "OK"
     other.logout()
+
+
+def test_imap_moves_leave_exactly_one_copy(imap_pair):
+    """A MOVE onto its own folder keeps the message; two sessions moving the
+    same message at once make one copy, not two."""
+    a, b = imap_pair
+    b("send", to=b.address("bob"), subject="moved about", body="x", user="bob")
+    eventually(lambda: b("inbox", user="bob"))
+    sessions = [imap_client(b, "bob", "bob-password") for _ in range(2)]
+    sent = sessions[0]
+    sent.select("Sent")
+    assert sent.uid("MOVE", "1:*", "Sent")[0] == "OK"
+    assert len(sent.uid("SEARCH", "ALL")[1][0].split()) == 1
+    assert [e["subject"] for e in b("outbox") if e["from"] == b.address("bob")] == ["moved about"]
+    sent.close()
+    for session in sessions:
+        session.select("INBOX")
+    threads = [threading.Thread(target=session.uid, args=("MOVE", "1:*", "Trash")) for session in sessions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sessions[0].select("Trash")
+    assert len(sessions[0].uid("SEARCH", "ALL")[1][0].split()) == 1
+    assert b("inbox", user="bob") == []
+    for session in sessions:
+        session.logout()
 
 
 def test_a_real_mail_client_curl_sends_and_reads(imap_pair, tmp_path):
@@ -4502,7 +4787,7 @@ def test_simulator_delivers_everything_and_leaves_no_copies():
     sys.path.insert(0, os.path.join(HERE, "examples"))
     import simulate
     for topology in ("random", "scale-free"):
-        result = simulate.simulate([key(i) for i in range(10)], topology, mails=12, churn=0.2,
+        result = simulate.simulate([key(i) for i in range(10)] + [pool_mail_key(0)], topology, mails=12, churn=0.2,
                                    minutes=20, seed=3)
         assert result["delivered"] == 1.0 and result["left_over"] == 0, result
         assert result["frames_per_mail"] > 0 and result["copies_per_mail"] > 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A third-party Secral peer, protocol version 2, written from spec/PROTOCOL.md alone.
+"""A third-party Secral peer, protocol version 3, written from spec/PROTOCOL.md alone.
 
 This is the model for porters.  It does not import secral.py: everything a
 compatible leaf peer (8.4) needs is here, in the order the specification
@@ -16,31 +16,44 @@ primitives:
     Crypto.Cipher.AES           AES-256-GCM, 12-byte nonce, 16-byte tag (4.4)
     Crypto.Hash.SHA256
 
+If the `cryptography` package is installed, it is used for one thing only:
+to generate RSA-3072 keys, which it does in a fraction of a second where
+pycryptodome may take several (the key is then handed to pycryptodome as
+PEM PKCS#8).  Nothing else depends on it.
+
 What it does, printing each step:
 
- 1. loads its RSA-3072 key from --key FILE, or generates one (4.1), and
+ 1. loads its RSA-3072 node key from --key FILE, or generates one (4.1), and
     derives its domain from the public key (5.1);
- 2. builds and signs its NIS record (5.3) with "host": null and "port": 0:
-    it is a leaf (8.4), it does not listen, so nobody can dial it;
- 3. connects to a node at HOST:PORT over TCP and runs TLS 1.3 as the dialler
+ 2. loads its mail keys (5.6) from FILE.mailkeys/, deletes those whose time
+    is up (remembering their ids), and generates a mail key for every epoch
+    its record's lifetime touches that it holds none for: one, or two when
+    the record crosses the end of a week;
+ 3. builds and signs its NIS record (5.3) with "host": null and "port": 0
+    (it is a leaf, 8.4, it does not listen, so nobody can dial it), valid
+    for one hour only, and listing those mail keys in "mail_keys";
+ 4. connects to a node at HOST:PORT over TCP and runs TLS 1.3 as the dialler
     (8.1): no SNI, no session, any certificate accepted; then it reads the
     node key from the certificate's SubjectPublicKeyInfo, checks it as a
     record key (4.1) and derives the listener's domain, domain_B (5.1);
- 4. sends its hello (8.1): v 2, its record, a fresh 16-byte nonce;
- 5. checks the node's hello in the order of 8.1 (version, nonce, record
-    (5.3), not our own domain, the record is domain_B's);
- 6. signs the auth statement {"domain","kind":"auth","nonce","peer"} over the
+ 5. sends its hello (8.1): v 3, its record, a fresh 16-byte nonce;
+ 6. checks the node's hello in the order of 8.1 (version, nonce, record
+    (5.3, its mail keys included), not our own domain, the record is
+    domain_B's);
+ 7. signs the auth statement {"domain","kind":"auth","nonce","peer"} over the
     node's hello nonce and domain_B (4.2, 8.1) and sends only its "sig"; the
     connection is now open at our end (8.1 "Opening"), and it sends getpeers
     (5.5);
- 7. seals a mail to Default@<the node's domain> (6.1): the envelope names the
-    two domains only, the sealed plaintext carries both addresses and a "pad"
-    of "0"s up to a bucket size; it sends it in a mail frame with hops 8
-    (7.2);
- 8. while it waits, it does what a leaf MUST (8.4): answers ping with pong
+ 8. seals a mail to Default@<the node's domain> (6.1) with the node's mail
+    key for the current epoch (5.6), named in the envelope by "key_id": the
+    envelope names the two domains only, the sealed plaintext carries both
+    addresses and a "pad" of "0"s up to a bucket size; it sends it in a mail
+    frame with hops 8 (7.2);
+ 9. while it waits, it does what a leaf MUST (8.4): answers ping with pong
     (8.3) and getpeers with an empty peers frame (5.5), and answers a mail
-    for its own domain with an ack (7.4), and ignores what a leaf MAY ignore;
- 9. checks the ack (7.3): that it answers this mail, was signed by domain_B
+    for its own domain with an ack (7.4), opened with the mail key its
+    key_id names (6.3), and ignores what a leaf MAY ignore;
+10. checks the ack (7.3): that it answers this mail, was signed by domain_B
     and is for us; then closes with error "shutdown" (9.4).
 
 It keeps no reputation scores and relays nothing: it is a leaf (8.4).
@@ -50,11 +63,13 @@ Usage:
     python3 examples/raw_peer.py --self-test [--vectors DIR]
 
 With --key FILE, the key is read from FILE (PEM, PKCS#8) if it exists, and
-generated and written there (mode 0600) if it does not; without --key, a
-fresh key is generated and forgotten.  Mail that arrives for this peer's own
-domain is stored in FILE.inbox (one JSON object per line, synced before the
-ack is sent, 7.4) when --key is given, else only printed.  Try it against a
-local node:
+generated and written there (mode 0600) if it does not; the mail keys are
+kept in the directory FILE.mailkeys/ (one file per key, mode 0600,
+written before any record lists it, and wiped when its time is up, 5.6);
+without --key, fresh keys are generated and forgotten.  Mail that arrives
+for this peer's own domain is stored in FILE.inbox (one JSON object per
+line, synced before the ack is sent, 7.4) when --key is given, else only
+printed.  Try it against a local node:
 
     python3 secral.py node --data-dir /tmp/ex-node --host 127.0.0.1 --port 0
     python3 examples/raw_peer.py 127.0.0.1:<the port it prints>
@@ -90,8 +105,8 @@ from Crypto.Signature import pkcs1_15, pss
 # Numbers from the specification (section 10, "Limits")
 # -----------------------------------------------------------------------------
 
-PROTOCOL_VERSION = 2            # hello.v (8.1)
-AGENT = "raw_peer.py/2 (examples/, written from PROTOCOL.md)"   # at most 128 characters
+PROTOCOL_VERSION = 3            # hello.v (8.1)
+AGENT = "raw_peer.py/3 (examples/, written from PROTOCOL.md)"   # at most 128 characters
 MAX_LINE = 262_144              # bytes in one line, line feed included (3.1)
 MAX_INT = 2**53 - 1             # JSON integers (3.2)
 MAX_DEPTH = 16                  # levels of arrays and objects; the outermost is 1 (3.2)
@@ -110,9 +125,14 @@ PSS_SALT = 32                   # (4.2)
 AES_KEY, GCM_NONCE = 32, 12     # (4.4)
 HELLO_NONCE = 16                # (8.1)
 MAIL_ID = 16                    # random bytes, written as 32 hex digits (3.3)
-RECORD_LIFETIME = 2_592_000     # own record: now + 30 days (5.3)
+RECORD_LIFETIME = 2_592_000     # the longest own record: now + 30 days (5.3)
+OWN_RECORD_LIFETIME = 3_600     # ours lives an hour (our choice): one or two mail keys
 CLOCK_TOLERANCE = 1_200         # two honest clocks may differ by 20 minutes (7.7)
 MAX_RECORD_AHEAD = RECORD_LIFETIME + CLOCK_TOLERANCE    # 2,593,200 (5.3 step 10)
+EPOCH = 604_800                 # a mail-key epoch: a week from Unix time 0 (5.6)
+MAIL_KEY_RETENTION = 606_000    # a mail key is deleted this long after its epoch ends (5.6)
+MAX_MAIL_KEYS = 6               # mail keys in a record (5.3 step 11)
+MAIL_KEY_ID = 16                # bytes of SHA-256, written as 32 hex digits (5.6)
 MAX_MAIL_LIFETIME = 604_800     # 7 days (6.2 step 7)
 ACK_LIFETIME = 606_000          # created + 7 days + 20 minutes (7.3)
 MAX_ACK_REASON = 256            # characters (7.3)
@@ -131,7 +151,8 @@ SPKI_SUFFIX = bytes.fromhex("0203010001")
 # The wire error codes (9.4): the only codes we ever put in an error frame.
 WIRE_CODES = {"not_json", "too_large", "malformed", "unknown_type", "bad_key", "bad_domain",
               "bad_address", "bad_signature", "expired", "future", "bad_ttl", "bad_hops",
-              "decrypt_failed", "mismatch", "wrong_recipient", "no_such_user", "not_ready",
+              "decrypt_failed", "mismatch", "wrong_recipient", "no_such_user",
+              "unknown_key", "retired_key", "not_ready",
               "bad_tls", "wrong_peer", "self_connection", "duplicate_connection", "version",
               "timeout", "rate_exceeded", "duplicate", "quota_exceeded", "banned", "busy",
               "shutdown"}
@@ -457,25 +478,50 @@ def parse_public_key(text, what="key"):
     return public_key_from_der(b64d(text, what), what)                 # 1, then 2 and 3
 
 
+def generate_key():
+    """4.1: a fresh RSA-3072 key with e = 65537 (a node key or a mail key,
+    5.6).  With the `cryptography` package installed it makes the key (much
+    faster) and pycryptodome imports it; else pycryptodome makes it."""
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+    except ImportError:
+        return RSA.generate(RSA_BITS, e=65537)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
+    return RSA.import_key(key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+
+
+def check_private_key(key, what):
+    if not key.has_private() or key.size_in_bits() != RSA_BITS or key.e != 65537:
+        raise ProtocolError("bad_key", f"{what} is not a private RSA-3072 key with e = 65537")
+    return key
+
+
+def write_secret_file(path, data):
+    """Appendix B: a secret file is mode 0600, written atomically
+    (temporary file, flush, fsync, rename)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def load_or_generate_key(path):
     """4.1: a node's key is RSA-3072 with e = 65537, kept as unencrypted PEM
     PKCS#8, mode 0600, written atomically (temporary file, flush, rename)."""
     if path and os.path.exists(path):
         with open(path, "rb") as f:
-            key = RSA.import_key(f.read())
-        if not key.has_private() or key.size_in_bits() != RSA_BITS or key.e != 65537:
-            raise ProtocolError("bad_key", f"{path} is not a private RSA-3072 key with e = 65537")
+            key = check_private_key(RSA.import_key(f.read()), path)
         return key, f"loaded from {path}"
-    key = RSA.generate(RSA_BITS, e=65537)
+    key = generate_key()
     if not path:
         return key, "generated (not saved; use --key FILE to keep it)"
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.export_key(format="PEM", pkcs=8))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_secret_file(path, key.export_key(format="PEM", pkcs=8))
     return key, f"generated and saved to {path} (mode 0600)"
 
 
@@ -534,11 +580,16 @@ def unwrap_key(private_key, wrapped):
 
 # -- 4.4 Content encryption -----------------------------------------------------------
 
+AD_MEMBERS = ("created", "expires", "from", "id", "key_id", "to")
+
+
 def associated_data(mail):
-    """4.4: the canonical JSON of exactly these five members of the mail, so
-    a relay cannot readdress the ciphertext, move it to another mail or
-    change its times.  In version 2 "from" and "to" are domains (6)."""
-    return canonical_json({k: mail[k] for k in ("created", "expires", "from", "id", "to")})
+    """4.4 and 6.1 step 6: the canonical JSON of exactly these six members
+    of the mail, so a relay cannot readdress the ciphertext, move it to
+    another mail, change its times or the mail key it names.  "from" and
+    "to" are domains (6).  (4.4 itself still says five members, without
+    "key_id"; 6.1 step 6 and the vectors of version 3 have six.)"""
+    return canonical_json({k: mail[k] for k in AD_MEMBERS})
 
 
 def gcm_seal(aes_key, nonce, plaintext, ad):
@@ -643,13 +694,30 @@ def check_host(host):
         raise ProtocolError("malformed", f"host {host!r}: nobody can be dialled there")
 
 
-def make_record(private_key, der, domain, now):
-    """5.3: our own record.  We do not listen, so "host" is null and "port"
-    is exactly 0 (8.4).  seq is normally the Unix time of signing; expires is
-    now + 30 days."""
+def make_record(private_key, der, domain, now, mail_keys, lifetime=OWN_RECORD_LIFETIME):
+    """5.3 "A node's own record".  We do not listen, so "host" is null and
+    "port" is exactly 0 (8.4).  seq is normally the Unix time of signing.
+    expires is the smaller of now + `lifetime` and the end of the last epoch
+    for which we hold a mail key, counting from E(now) without a gap; and
+    "mail_keys" lists our keys from E(now) to E(expires - 1) (5.6).
+
+    The reference uses a lifetime of 30 days (RECORD_LIFETIME); a leaf that
+    only runs for a minute chooses one hour, so it needs one mail key, or
+    two when the hour crosses the end of an epoch.  Any expires later than
+    now and within 5.3 step 10 is valid."""
+    assert 0 < lifetime <= RECORD_LIFETIME
+    first = epoch_of(now)
+    end = first
+    while end in mail_keys.by_epoch:                                    # without a gap
+        end += 1
+    if end == first:
+        raise ProtocolError("bad_key", f"no mail key for the current epoch {first} (5.6)")
+    expires = min(now + lifetime, end * EPOCH)
+    listed = [{"epoch": e, "key": b64e(public_key_der(mail_keys.by_epoch[e]))}
+              for e in range(first, epoch_of(expires - 1) + 1)]
     return sign(private_key, {
         "kind": "nis", "domain": domain, "host": None, "port": 0, "key": b64e(der),
-        "seq": now, "expires": now + RECORD_LIFETIME,
+        "mail_keys": listed, "seq": now, "expires": expires,
     })
 
 
@@ -672,6 +740,7 @@ def verify_record(record, now, what="record"):
         ("host", _check_host_member, "malformed"),
         ("port", is_int, "malformed"),
         ("key", is_str, "malformed"),
+        ("mail_keys", lambda v: isinstance(v, list), "malformed"),
         ("seq", is_int, "malformed"),
         ("expires", is_time, "malformed"),
         ("sig", is_str, "malformed"),
@@ -693,8 +762,183 @@ def verify_record(record, now, what="record"):
         raise ProtocolError("expired", f"{what}: expired")
     if record["expires"] > now + MAX_RECORD_AHEAD:                      # 10
         raise ProtocolError("future", f"{what}: expires too far ahead")
-    verify_signature(record, key, what)                                 # 11
+    check_mail_keys(record, now, f"{what}.mail_keys")                   # 11 (5.6)
+    verify_signature(record, key, what)                                 # 12
     return key
+
+
+def check_mail_keys(record, now, what):
+    """5.3 step 11: 1 to 6 elements; each, in order, an object with a time
+    "epoch" and a string "key", its epoch one more than the previous one's,
+    its key a valid public key (4.1: malformed or bad_key) that is neither
+    the record's key nor an earlier element's; and the epochs cover the
+    record's lifetime.  Every failure but bad_key is malformed."""
+    mail_keys = record["mail_keys"]
+    if not 1 <= len(mail_keys) <= MAX_MAIL_KEYS:
+        raise ProtocolError("malformed", f"{what}: {len(mail_keys)} keys, 1 to {MAX_MAIL_KEYS}")
+    # Both sides are canonical base64 of canonical DER (4.1), so equal keys
+    # are equal strings.
+    seen = {record["key"]}
+    previous = None
+    for i, entry in enumerate(mail_keys):
+        where = f"{what}[{i}]"
+        if not isinstance(entry, dict):
+            raise ProtocolError("malformed", f"{where}: not an object")
+        if "epoch" not in entry or not is_time(entry["epoch"]):
+            raise ProtocolError("malformed", f"{where}.epoch: missing or not a time")
+        if "key" not in entry or not is_str(entry["key"]):
+            raise ProtocolError("malformed", f"{where}.key: missing or not a string")
+        if previous is not None and entry["epoch"] != previous + 1:
+            raise ProtocolError("malformed", f"{where}.epoch: not one more than the previous")
+        parse_public_key(entry["key"], f"{where}.key")                  # malformed or bad_key
+        if entry["key"] in seen:
+            raise ProtocolError("malformed", f"{where}.key: the node key or an earlier mail key")
+        seen.add(entry["key"])
+        previous = entry["epoch"]
+    expires = record["expires"]
+    if mail_keys[0]["epoch"] > epoch_of(min(now + CLOCK_TOLERANCE, expires - 1)):
+        raise ProtocolError("malformed", f"{what}: the first key is for a later epoch than now's")
+    if mail_keys[-1]["epoch"] < epoch_of(expires - 1):
+        raise ProtocolError("malformed", f"{what}: the keys stop before the record expires")
+
+
+# -- 5.6 Mail keys ------------------------------------------------------------------------
+#
+# Mail is never wrapped to a node key.  It is wrapped to a mail key: an
+# RSA-3072 key for one epoch (a week from Unix time 0), whose private half
+# is deleted once no valid mail can still be sealed to it.  A record lists
+# the public halves for every epoch its lifetime touches (5.3 step 11).
+
+def epoch_of(t):
+    """5.6: E(t) = floor(t / 604,800)."""
+    return t // EPOCH
+
+
+def mail_key_id(key_text):
+    """5.6: the lowercase hex of the first 16 bytes of SHA-256 of the key's
+    DER SubjectPublicKeyInfo (the bytes whose base64 is the key)."""
+    parse_public_key(key_text, "mail key")
+    return hashlib.sha256(b64d(key_text)).digest()[:MAIL_KEY_ID].hex()
+
+
+def record_mail_key(record, now):
+    """5.6 "Choice": the record's mail key for epoch E(now) or, if it lists
+    none (the sender's clock is behind the signer's), its first key of a
+    later epoch.  The epochs are consecutive and ascending (5.3 step 11), so
+    that is the first key whose epoch is at least E(now).  A record valid at
+    `now` always has one: its last epoch is at least E(expires - 1) >= E(now).
+    Returns the "key" (base64 DER) and its epoch."""
+    for entry in record["mail_keys"]:
+        if entry["epoch"] >= epoch_of(now):
+            return entry["key"], entry["epoch"]
+    raise ProtocolError("expired", "the record lists no mail key for now or later")
+
+
+def deletion_time(epoch):
+    """5.6 "Deletion": the end of the epoch, plus the longest a mail may
+    live, plus the clock tolerance."""
+    return (epoch + 1) * EPOCH + MAIL_KEY_RETENTION
+
+
+class MailKeys:
+    """A node's mail keys (5.6): the private half of each key it holds, by
+    epoch and by id, and the ids of the keys it has deleted, so that a mail
+    sealed to one of those is `retired_key` and one sealed to any other id
+    `unknown_key` (6.3 step 2).
+
+    With a directory (our --key FILE + ".mailkeys", mode 0700) they are kept
+    as the reference keeps them (Appendix B, 12.4): each private key in its
+    own file <epoch>.pem (PEM PKCS#8, mode 0600, written like the node key),
+    synced with the directory before any record lists it, or mail sealed to
+    it could be lost in a crash; and a file "retired", one line
+    "<epoch> <id>" per deleted key.  No other file ever holds a private
+    mail key, so deleting one is possible: see delete_expired."""
+
+    PEM_RE = re.compile(r"(0|[1-9][0-9]*)\.pem\Z")
+
+    def __init__(self, directory=None):
+        self.directory = directory
+        self.by_epoch = {}          # epoch -> private key
+        self.by_id = {}             # key id -> private key
+        self.deleted = set()        # ids of the keys we have deleted
+        if directory and os.path.isdir(directory):
+            for name in sorted(os.listdir(directory)):
+                match = self.PEM_RE.match(name)
+                if match:
+                    with open(os.path.join(directory, name), "rb") as f:
+                        key = check_private_key(RSA.import_key(f.read()), name)
+                    self.add(int(match.group(1)), key)
+            retired = os.path.join(directory, "retired")
+            if os.path.exists(retired):
+                with open(retired, encoding="ascii") as f:
+                    for line in f:
+                        _, key_id = line.split()
+                        self.deleted.add(key_id)
+
+    def add(self, epoch, private_key):
+        self.by_epoch[epoch] = private_key
+        self.by_id[mail_key_id(b64e(public_key_der(private_key)))] = private_key
+
+    def _sync_directory(self):
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def delete_expired(self, now):
+        """5.6 "Deletion" and 12.4: forget the private half of every key
+        whose deletion time has come, keeping its id.  On disk: append the
+        id to "retired" and sync it, then overwrite the key's file with
+        zeros in place, sync it, unlink it and sync the directory.  (12.4
+        says what no program can promise: a copy-on-write filesystem, an
+        SSD or a backup may keep the old bytes.)  Returns the epochs
+        deleted."""
+        gone = sorted(e for e in self.by_epoch if now >= deletion_time(e))
+        for e in gone:
+            key_id = mail_key_id(b64e(public_key_der(self.by_epoch[e])))
+            if self.directory:
+                fd = os.open(os.path.join(self.directory, "retired"),
+                             os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                with os.fdopen(fd, "a", encoding="ascii") as f:
+                    f.write(f"{e} {key_id}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                path = os.path.join(self.directory, f"{e}.pem")
+                with open(path, "r+b") as f:
+                    f.write(bytes(os.fstat(f.fileno()).st_size))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.unlink(path)
+                self._sync_directory()
+            del self.by_epoch[e], self.by_id[key_id]
+            self.deleted.add(key_id)
+        return gone
+
+    def ensure(self, first, last):
+        """Hold a key for every epoch first..last (5.6 "Generation"): make
+        the missing ones, and store them before they are published.  Returns
+        the epochs made."""
+        made = [e for e in range(first, last + 1) if e not in self.by_epoch]
+        for e in made:
+            key = generate_key()
+            if self.directory:
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                write_secret_file(os.path.join(self.directory, f"{e}.pem"),
+                                  key.export_key(format="PEM", pkcs=8))
+                self._sync_directory()
+            self.add(e, key)
+        return made
+
+    def private_key(self, key_id):
+        """6.3 step 2: the private half of the key `key_id` names, or
+        retired_key (we deleted it) or unknown_key (we never had it).  No
+        other key is ever tried."""
+        if key_id in self.by_id:
+            return self.by_id[key_id]
+        if key_id in self.deleted:
+            raise ProtocolError("retired_key", f"mail key {key_id} was deleted (5.6)")
+        raise ProtocolError("unknown_key", f"mail key {key_id} is not one of ours")
 
 
 # =============================================================================
@@ -764,13 +1008,16 @@ def make_plaintext(sender, recipient, subject, body, parts=(), in_reply_to=None)
 
 # -- 6.1 Sealing --------------------------------------------------------------------
 
-def seal_mail(private_key, sender, recipient, recipient_key, subject, body, now, ttl,
+def seal_mail(private_key, sender, recipient, recipient_record, subject, body, now, ttl,
               parts=(), in_reply_to=None, rng=None):
     """6.1: seal and sign a mail from our local user `sender` to the address
-    `recipient`, whose node key (base64 SubjectPublicKeyInfo, as in a record)
-    is `recipient_key`.  Random values are drawn from `rng` (os.urandom
-    unless a test vector supplies them) in exactly the order of 6.1: id, AES
-    key, GCM nonce, OAEP seed, PSS salt.  Returns (mail, padded plaintext)."""
+    `recipient`, given the recipient node's record (5.3), whose mail key for
+    epoch E(now) -- or, if it lists none, its first of a later epoch (5.6)
+    -- the AES key is wrapped to.  Never to the record's "key": that is the
+    node's identity, which only signs.  Random values are drawn from `rng`
+    (os.urandom unless a test vector supplies them) in exactly the order of
+    6.1: id, AES key, GCM nonce, OAEP seed, PSS salt.  Returns (mail, padded
+    plaintext)."""
     rng = rng or os.urandom
     der = public_key_der(private_key)
     own_domain = domain_of_der(der)
@@ -782,22 +1029,27 @@ def seal_mail(private_key, sender, recipient, recipient_key, subject, body, now,
     plaintext = make_plaintext(sender, recipient, subject, body, parts, in_reply_to)
     if not is_int(ttl) or not 0 < ttl <= MAX_MAIL_LIFETIME:
         raise ProtocolError("bad_ttl", "a mail lives 1 s to 7 days")
-    key = parse_public_key(recipient_key, "recipient key")
+    # 6.1 is given R "verified": we verify it here, at `now`, so that its
+    # mail keys are known to be valid and to cover `now` (5.3 step 11).
+    verify_record(recipient_record, now, "recipient record")
     recipient_domain = parse_address(recipient, "to")[1]
-    if domain_of_der(b64d(recipient_key)) != recipient_domain:
-        raise ProtocolError("bad_domain", f"that key is not the key of {recipient_domain}")
+    if recipient_record["domain"] != recipient_domain:
+        raise ProtocolError("bad_domain", f"that record is not the record of {recipient_domain}")
+    mail_key_text, _ = record_mail_key(recipient_record, now)           # K (5.6 "Choice")
+    key = parse_public_key(mail_key_text, "recipient mail key")
 
     mail_id = rng(MAIL_ID).hex()                                        # 1. id
     aes_key = rng(AES_KEY)                                              # 2. AES key
     nonce = rng(GCM_NONCE)                                              # 3. GCM nonce
     mail = {"kind": "mail", "id": mail_id, "from": own_domain,         # 4. envelope:
-            "to": recipient_domain, "from_key": b64e(der),             #    domains only
-            "created": now, "expires": now + ttl}
+            "to": recipient_domain, "from_key": b64e(der),             #    domains only,
+            "created": now, "expires": now + ttl,                      #    and the id of K
+            "key_id": mail_key_id(mail_key_text)}
     # 5. the plaintext, built above: both addresses, subject, body, parts,
     #    in_reply_to, and "pad" bringing it to exactly a bucket's length.
     mail["ct"] = b64e(gcm_seal(aes_key, nonce, plaintext, associated_data(mail)))   # 6.
     mail["nonce"] = b64e(nonce)                                         # 7.
-    mail["key"] = b64e(wrap_key(key, aes_key, rng))                     # 8. OAEP seed
+    mail["key"] = b64e(wrap_key(key, aes_key, rng))                     # 8. OAEP seed, for K
     return sign(private_key, mail, rng), plaintext                      # 9. PSS salt
 
 
@@ -812,7 +1064,8 @@ def verify_mail(mail, now, what="mail"):
                ("from", is_str, "malformed"), ("from", is_domain, "bad_domain"),
                ("to", is_str, "malformed"), ("to", is_domain, "bad_domain"),
                ("from_key", is_str, "malformed"), ("created", is_time, "malformed"),
-               ("expires", is_time, "malformed"), ("key", is_str, "malformed"),
+               ("expires", is_time, "malformed"), ("key_id", is_hex_id, "malformed"),
+               ("key", is_str, "malformed"),
                ("nonce", is_str, "malformed"), ("ct", is_str, "malformed"),
                ("sig", is_str, "malformed")]
     check_members(mail, members, what)
@@ -842,8 +1095,9 @@ def verify_mail(mail, now, what="mail"):
 
 # -- 6.3 Opening by the recipient -------------------------------------------------------
 
-def open_mail(private_key, mail, now):
-    """6.2 then 6.3, as the recipient: returns the sealed content as
+def open_mail(private_key, mail_keys, mail, now):
+    """6.2 then 6.3, as the recipient whose node key is `private_key` and
+    whose mail keys (5.6) are `mail_keys`: returns the sealed content as
     {from, to, subject, body, parts, in_reply_to} (parts [] and in_reply_to
     None when absent, the pad dropped: the form of open_mail's vectors).
     Its codes are the reasons of a rejected ack (7.4)."""
@@ -851,10 +1105,11 @@ def open_mail(private_key, mail, now):
     own_domain = domain_of_der(public_key_der(private_key))
     if mail["to"] != own_domain:                                        # 1
         raise ProtocolError("wrong_recipient", "the mail is not addressed to us")
-    aes_key = unwrap_key(private_key, b64d(mail["key"]))                # 2
-    plaintext = gcm_open(aes_key, b64d(mail["nonce"]), b64d(mail["ct"]),    # 3
+    mail_private_key = mail_keys.private_key(mail["key_id"])            # 2
+    aes_key = unwrap_key(mail_private_key, b64d(mail["key"]))           # 3
+    plaintext = gcm_open(aes_key, b64d(mail["nonce"]), b64d(mail["ct"]),    # 4
                          associated_data(mail))
-    try:                                                                # 4
+    try:                                                                # 5
         plain = parse_json(plaintext)
         if not isinstance(plain, dict):
             raise ProtocolError("malformed", "the plaintext is not an object")
@@ -865,26 +1120,26 @@ def open_mail(private_key, mail, now):
         _, recipient_domain = parse_address(plain["to"], "sealed to")
     except ProtocolError as exc:
         raise ProtocolError("malformed", f"not a Secral plaintext: {exc.message}")
-    if sender_domain != mail["from"] or recipient_domain != mail["to"]:     # 5
+    if sender_domain != mail["from"] or recipient_domain != mail["to"]:     # 6
         raise ProtocolError("mismatch", "the sealed addresses are not at the envelope's domains")
-    if sender_user.lower() == "core":                                   # 6
+    if sender_user.lower() == "core":                                   # 7
         raise ProtocolError("bad_address", "sealed from Core, which never sends mail")
-    if plain["pad"].strip("0"):                                         # 7
+    if plain["pad"].strip("0"):                                         # 8
         raise ProtocolError("malformed", 'the pad holds more than "0"s')
     subject, body = plain["subject"], plain["body"]
-    if len(subject) > MAX_SUBJECT:                                      # 8
+    if len(subject) > MAX_SUBJECT:                                      # 9
         raise ProtocolError("too_large", f"the subject is over {MAX_SUBJECT} characters")
     if has_line_breaker(subject):
         raise ProtocolError("malformed", "a line breaker in the subject")
-    if len(body.encode("utf-8")) > MAX_BODY:                            # 9
+    if len(body.encode("utf-8")) > MAX_BODY:                            # 10
         raise ProtocolError("too_large", f"the body is over {MAX_BODY} bytes")
-    parts = plain.get("parts", [])                                      # 10
+    parts = plain.get("parts", [])                                      # 11
     if not isinstance(parts, list):
         raise ProtocolError("malformed", "parts is not an array")
     if len(parts) > MAX_PARTS:
         raise ProtocolError("too_large", f"more than {MAX_PARTS} parts")
     parts = [check_part(part) for part in parts]
-    in_reply_to = plain.get("in_reply_to")                              # 11
+    in_reply_to = plain.get("in_reply_to")                              # 12
     if "in_reply_to" in plain and not is_hex_id(in_reply_to):
         raise ProtocolError("malformed", "in_reply_to is not a mail id")
     return {"from": plain["from"], "to": plain["to"], "subject": subject, "body": body,
@@ -956,8 +1211,9 @@ class Inbox:
     disk before the ack is sent (Appendix B); without it, mail is printed
     and kept in memory for the run, like the key itself."""
 
-    def __init__(self, private_key, key_file):
+    def __init__(self, private_key, mail_keys, key_file):
         self.private_key = private_key
+        self.mail_keys = mail_keys      # opened with the key each mail's key_id names (6.3)
         self.path = f"{key_file}.inbox" if key_file else None
         self.acks = {}                  # mail key (7.1) -> our ack, the same for every repeat
         if self.path and os.path.exists(self.path):
@@ -981,7 +1237,8 @@ class Inbox:
             info(f"   a repeat of {key}: answered with the same ack")
             return self.acks[key]
         try:                                                            # 7.4 step 3
-            plain = open_mail(self.private_key, mail, now)
+            self.mail_keys.delete_expired(now)                          # 5.6, before we open
+            plain = open_mail(self.private_key, self.mail_keys, mail, now)
             user = parse_address(plain["to"])[0]
             # A leaf has the two users every node has (5.2): Core, which
             # receives no user mail, and Default.
@@ -1301,7 +1558,7 @@ def handshake(link, private_key, own_domain, own_record, expect_domain=None):
         _, node_key_text, domain_b = certificate_key(link.certificate)
     except ProtocolError as exc:
         raise ProtocolError(exc.code, f"the node's certificate: {exc.message}")
-    step(5, f"TLS: {link.tls_version}, {link.cipher}, no SNI; the certificate's key is a "
+    step(6, f"TLS: {link.tls_version}, {link.cipher}, no SNI; the certificate's key is a "
             f"canonical RSA-3072 key (4.1): domain_B = {domain_b}")
     if expect_domain is not None and domain_b != expect_domain:        # a dial expecting a domain
         raise ProtocolError("wrong_peer", f"dialled {expect_domain}, reached {domain_b}")
@@ -1311,7 +1568,7 @@ def handshake(link, private_key, own_domain, own_record, expect_domain=None):
     own_nonce = b64e(os.urandom(HELLO_NONCE))
     link.send({"type": "hello", "v": PROTOCOL_VERSION, "record": own_record,
                "nonce": own_nonce, "agent": AGENT})
-    step(6, f"sent hello (8.1): v {PROTOCOL_VERSION}, our record, nonce {own_nonce}")
+    step(7, f"sent hello (8.1): v {PROTOCOL_VERSION}, our record, nonce {own_nonce}")
 
     # Receiving hello (state "hello": only hello and error are accepted).  A
     # node that refuses us (busy, banned: 9.2, 9.3) sends an error frame
@@ -1325,25 +1582,27 @@ def handshake(link, private_key, own_domain, own_record, expect_domain=None):
     if hello["type"] != "hello":
         raise ProtocolError("not_ready", f"expected hello, got {hello['type']}")
     if hello["v"] != PROTOCOL_VERSION:                                  # 1
-        raise ProtocolError("version", f"the node speaks v{hello['v']}; we speak v2")
+        raise ProtocolError("version", f"the node speaks v{hello['v']}; "
+                                       f"we speak v{PROTOCOL_VERSION}")
     b64d(hello["nonce"], "hello.nonce", HELLO_NONCE)                    # 2
     record = hello["record"]
-    verify_record(record, int(time.time()), "hello.record")            # 3 (5.3)
+    verify_record(record, int(time.time()), "hello.record")            # 3 (5.3, 5.6)
     if record["domain"] == own_domain:                                  # 4
         raise ProtocolError("self_connection", "the node has our own domain")
     if record["domain"] != domain_b:                                    # 5
         raise ProtocolError("wrong_peer", f"the hello's record is {record['domain']}'s, "
                                           f"TLS proved {domain_b}")
     # 6 (banned): a leaf keeps no reputation, so it bans nobody.
-    step(7, f"received hello from {domain_b}: agent {hello['agent']!r}")
+    step(8, f"received hello from {domain_b}: agent {hello['agent']!r}")
     info(f"record (5.3) valid and domain_B's: host {record['host']} port {record['port']} "
-         f"seq {record['seq']}")
+         f"seq {record['seq']}, mail keys for epochs "
+         f"{record['mail_keys'][0]['epoch']}-{record['mail_keys'][-1]['epoch']} (5.6)")
 
     # 7: the state becomes "auth"; the listener is proven (TLS and step 5).
     # As the dialler we send our auth and open at once.
     auth = make_auth(private_key, own_domain, hello["nonce"], domain_b)
     link.send(auth)
-    step(8, "sent auth (8.1): a PSS signature (4.2) over the statement")
+    step(9, "sent auth (8.1): a PSS signature (4.2) over the statement")
     info(canonical_json(auth_statement(own_domain, hello["nonce"], domain_b)).decode())
     return domain_b, record, node_key_text
 
@@ -1452,34 +1711,33 @@ def _expect(condition, what):
         raise AssertionError(what)
 
 
-def _t_decode_frame(v, keys):
+def _t_decode_frame(v, fx):
     frame = decode_frame(_vector_line(v))
     canonical = canonical_json(frame)         # "expect" covers canonical encoding too (11)
     if "canonical" in v:
         _expect(canonical == v["canonical"].encode("utf-8"), f"canonical {canonical[:80]!r}")
 
 
-def _t_base64_decode(v, keys):
+def _t_base64_decode(v, fx):
     _expect(b64d(v["text"]).hex() == v["bytes_hex"], "bytes")
 
 
-def _t_domain_of_key(v, keys):
+def _t_domain_of_key(v, fx):
     parse_public_key(v["key"])
     _expect(domain_of_der(b64d(v["key"])) == v["domain"], "domain")
 
 
-def _t_parse_address(v, keys):
+def _t_parse_address(v, fx):
     user, domain = parse_address(v["address"])
     _expect((user, domain, fold_address(v["address"])) == (v["user"], v["domain"], v["folded"]),
             "user, domain, folded")
 
 
-def _t_seal_mail(v, keys):
+def _t_seal_mail(v, fx):
     r = v["random"]
     rng = fixed_random(r["id_hex"], r["aes_key_hex"], r["nonce_hex"], r["oaep_seed_hex"],
                        r["pss_salt_hex"])
-    recipient_key = b64e(public_key_der(keys[v["recipient_key"]]))
-    mail, plaintext = seal_mail(keys[v["sender_key"]], v["from"], v["to"], recipient_key,
+    mail, plaintext = seal_mail(fx.keys[v["sender_key"]], v["from"], v["to"], v["recipient_record"],
                                 v["subject"], v["body"], v["created"], v["ttl"],
                                 v.get("parts", ()), v.get("in_reply_to"), rng)
     _expect(rng.left() == 0, "every random byte drawn")
@@ -1488,35 +1746,35 @@ def _t_seal_mail(v, keys):
     _expect(canonical_json(mail) == canonical_json(v["mail"]), "the sealed mail, byte for byte")
 
 
-def _t_make_plaintext(v, keys):
+def _t_make_plaintext(v, fx):
     make_plaintext(v["from"], v["to"], v["subject"], v["body"], v["parts"], v["in_reply_to"])
 
 
-def _t_open_mail(v, keys):
-    plain = open_mail(keys[v["recipient"]], v["mail"], v["now"])
+def _t_open_mail(v, fx):
+    plain = open_mail(fx.keys[v["recipient"]], fx.mail_keys[v["recipient"]], v["mail"], v["now"])
     _expect(plain == v["plaintext"], f"plaintext {plain}")
 
 
-def _t_make_ack(v, keys):
-    ack = make_ack(keys[v["signer"]], v["mail"], v["status"], v["reason"], v["created"],
+def _t_make_ack(v, fx):
+    ack = make_ack(fx.keys[v["signer"]], v["mail"], v["status"], v["reason"], v["created"],
                    fixed_random(v["pss_salt_hex"]))
     _expect(canonical_json(ack) == canonical_json(v["ack"]), "the ack, byte for byte")
 
 
-def _t_make_certificate(v, keys):
-    certificate = make_certificate(keys[v["key"]])
+def _t_make_certificate(v, fx):
+    certificate = make_certificate(fx.keys[v["key"]])
     _expect(b64e(certificate) == v["certificate"], "the certificate, byte for byte")
     _expect(hashlib.sha256(certificate).hexdigest() == v["certificate_sha256_hex"], "SHA-256")
     _expect(certificate_key(certificate)[2] == v["domain"], "domain")
 
 
-def _t_certificate_key(v, keys):
+def _t_certificate_key(v, fx):
     _, key_text, domain = certificate_key(b64d(v["certificate"]))
     _expect((key_text, domain) == (v["key"], v["domain"]), "key and domain")
 
 
-def _t_make_auth(v, keys):
-    signer = keys[v["signer"]]
+def _t_make_auth(v, fx):
+    signer = fx.keys[v["signer"]]
     own_domain = domain_of_der(public_key_der(signer))
     statement = canonical_json(auth_statement(own_domain, v["peer_nonce"], v["peer_domain"]))
     _expect(statement == v["statement"].encode("utf-8"), f"statement {statement!r}")
@@ -1530,7 +1788,11 @@ def _t_make_auth(v, keys):
         verify_record(hello["record"], 1_800_000_000, "hello.record")
 
 
-def _t_verify_auth(v, keys):
+def _t_mail_key_id(v, fx):
+    _expect(mail_key_id(v["key"]) == v["id_hex"], "the key id")
+
+
+def _t_verify_auth(v, fx):
     verify_auth(check_frame(v["auth"]), v["record"], v["own_nonce"], v["own_domain"])
 
 
@@ -1539,19 +1801,20 @@ SELF_TEST_OPS = {
     "base64_decode": _t_base64_decode,
     "domain_of_key": _t_domain_of_key,
     "parse_address": _t_parse_address,
-    "verify_record": lambda v, keys: verify_record(v["record"], v["now"]),
-    "check_host": lambda v, keys: check_host(v["host"]),
+    "verify_record": lambda v, fx: verify_record(v["record"], v["now"]),
+    "check_host": lambda v, fx: check_host(v["host"]),
+    "mail_key_id": _t_mail_key_id,
     "seal_mail": _t_seal_mail,
     "make_plaintext": _t_make_plaintext,
-    "verify_mail": lambda v, keys: verify_mail(v["mail"], v["now"]),
+    "verify_mail": lambda v, fx: verify_mail(v["mail"], v["now"]),
     "open_mail": _t_open_mail,
     "make_ack": _t_make_ack,
-    "verify_ack": lambda v, keys: verify_ack(v["ack"], v["now"]),
+    "verify_ack": lambda v, fx: verify_ack(v["ack"], v["now"]),
     "make_certificate": _t_make_certificate,
     "certificate_key": _t_certificate_key,
     "make_auth": _t_make_auth,
     "verify_auth": _t_verify_auth,
-    "verify_frame": lambda v, keys: check_frame(v["frame"]),
+    "verify_frame": lambda v, fx: check_frame(v["frame"]),
 }
 # Operations of a NIS map, which a leaf does not keep (8.4).
 NOT_A_LEAFS_OPS = {"record_supersedes", "nis_map", "verify_nis_answer"}
@@ -1597,14 +1860,51 @@ def tls_loopback(private_key):
     _expect(frame == {"type": "ping"}, "a frame through the link")
 
 
+class TestNodes:
+    """The fixed inputs of keys.json (11 "Test keys"): each test node's node
+    key, and its mail keys (5.6) -- all but the one marked deleted, whose id
+    it remembers (6.3 step 2)."""
+
+    def __init__(self, key_file):
+        self.keys = {k["name"]: RSA.import_key(k["private_pem"]) for k in key_file["keys"]}
+        for k in key_file["keys"]:
+            _expect(b64e(public_key_der(self.keys[k["name"]])) == k["public"],
+                    f"{k['name']}'s public key")
+        self.mail_keys = {name: MailKeys() for name in self.keys}
+        for k in key_file["mail_keys"]:
+            key = RSA.import_key(k["private_pem"])
+            _expect(b64e(public_key_der(key)) == k["public"], f"{k['name']}'s public key")
+            _expect(mail_key_id(k["public"]) == k["id_hex"], f"{k['name']}'s id")
+            if k.get("deleted"):
+                self.mail_keys[k["owner"]].deleted.add(k["id_hex"])
+            else:
+                self.mail_keys[k["owner"]].add(k["epoch"], key)
+
+
+def own_record_check(fx):
+    """5.3 "A node's own record" with our one-hour lifetime, made from the
+    test keys: inside an epoch it lists one mail key; across the end of an
+    epoch, two; it passes our own verify_record; and a mail sealed to it by
+    the rules of 6.1 opens with the key its key_id names (6.3)."""
+    key, mail_keys = fx.keys["alice"], fx.mail_keys["alice"]
+    der = public_key_der(key)
+    domain = domain_of_der(der)
+    for now, epochs in [(1_800_000_000, [2976]), (2977 * EPOCH - 600, [2976, 2977])]:
+        record = make_record(key, der, domain, now, mail_keys)
+        verify_record(record, now)
+        _expect([e["epoch"] for e in record["mail_keys"]] == epochs, f"epochs at {now}")
+        _expect(record["expires"] == now + OWN_RECORD_LIFETIME, "expires")
+        sender = f"Default@{domain_of_der(public_key_der(fx.keys['bob']))}"
+        mail, _ = seal_mail(fx.keys["bob"], sender, f"Default@{domain}", record, "s", "b", now, 60)
+        _expect(mail["key_id"] == mail_key_id(record["mail_keys"][0]["key"]), "key_id")
+        _expect(open_mail(key, mail_keys, mail, now)["body"] == "b", "opened")
+
+
 def self_test(vector_dir):
     """Run every vector whose operation this file implements (11); returns
     the number of failures."""
     with open(os.path.join(vector_dir, "keys.json")) as f:
-        key_file = json.load(f)
-    keys = {k["name"]: RSA.import_key(k["private_pem"]) for k in key_file["keys"]}
-    for k in key_file["keys"]:
-        _expect(b64e(public_key_der(keys[k["name"]])) == k["public"], f"{k['name']}'s public key")
+        fx = TestNodes(json.load(f))
     failures, passed, skipped = 0, {}, {}
     for name in sorted(os.listdir(vector_dir)):
         if not name.endswith(".json") or name == "keys.json":
@@ -1617,7 +1917,7 @@ def self_test(vector_dir):
                 skipped[v["op"]] = skipped.get(v["op"], 0) + 1
                 continue
             try:
-                run(v, keys)
+                run(v, fx)
                 got, detail = "ok", ""
             except ProtocolError as exc:
                 got, detail = exc.code, exc.message
@@ -1635,7 +1935,13 @@ def self_test(vector_dir):
         why = "a leaf keeps no NIS map (8.4)" if op in NOT_A_LEAFS_OPS else "not implemented here"
         print(f"  skip {op:18} {skipped[op]:3} vectors: {why}")
     try:
-        tls_loopback(keys["bob"])
+        own_record_check(fx)
+        print("  ok   own record: one hour, one or two mail keys, mail sealed to it opens")
+    except (AssertionError, ProtocolError) as exc:
+        failures += 1
+        print(f"FAIL own record: {exc}")
+    try:
+        tls_loopback(fx.keys["bob"])
         print("  ok   TLS 1.3 loopback: no SNI, certificate_key finds the listener's domain")
     except (AssertionError, ProtocolError, OSError) as exc:
         failures += 1
@@ -1652,12 +1958,13 @@ def self_test(vector_dir):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="raw_peer.py",
-        description="A Secral leaf peer (protocol v2) written from spec/PROTOCOL.md alone: "
+        description="A Secral leaf peer (protocol v3) written from spec/PROTOCOL.md alone: "
                     "dial a node over TLS 1.3, mail Default@<its domain>, check the ack.")
     parser.add_argument("target", metavar="HOST:PORT", nargs="?",
                         help="the node to dial, e.g. 127.0.0.1:7700")
     parser.add_argument("--key", metavar="FILE",
-                        help="PEM PKCS#8 key file: loaded if it exists, else generated and saved")
+                        help="PEM PKCS#8 key file: loaded if it exists, else generated and "
+                             "saved; the mail keys are kept in FILE.mailkeys/")
     parser.add_argument("--self-test", action="store_true",
                         help="check this file against spec/vectors/ and exit")
     parser.add_argument("--vectors", metavar="DIR",
@@ -1682,45 +1989,61 @@ def run(host, port, key_file):
     private_key, how = load_or_generate_key(key_file)
     der = public_key_der(private_key)
     own_domain = domain_of_der(der)
-    step(1, f"RSA-3072 key {how} ({time.monotonic() - started:.1f} s)")
+    step(1, f"RSA-3072 node key {how} ({time.monotonic() - started:.1f} s)")
     step(2, f"our domain (5.1): {own_domain}")
-    inbox = Inbox(private_key, key_file)
 
-    # -- 2. our NIS record (5.3) ----------------------------------------------
+    # -- 2. our mail keys (5.6) ---------------------------------------------------
     now = int(time.time())
-    own_record = make_record(private_key, der, own_domain, now)
-    verify_record(own_record, now)          # our own checks must accept it too
-    step(3, f"signed our NIS record (5.3): host null, port 0 (a leaf, 8.4), seq {own_record['seq']}")
+    started = time.monotonic()
+    mail_keys = MailKeys(f"{key_file}.mailkeys" if key_file else None)
+    deleted = mail_keys.delete_expired(now)
+    made = mail_keys.ensure(epoch_of(now), epoch_of(now + OWN_RECORD_LIFETIME - 1))
+    step(3, f"mail keys (5.6): epoch now {epoch_of(now)}; made {made or 'none'} "
+            f"({time.monotonic() - started:.1f} s), deleted {deleted or 'none'}, "
+            f"holding {sorted(mail_keys.by_epoch)}"
+            + (f", kept in {mail_keys.directory}/" if mail_keys.directory else " (not saved)"))
+    inbox = Inbox(private_key, mail_keys, key_file)
 
-    # -- 3. TCP and TLS 1.3 (8.1) ------------------------------------------------
+    # -- 3. our NIS record (5.3) ----------------------------------------------
+    own_record = make_record(private_key, der, own_domain, now, mail_keys)
+    verify_record(own_record, now)          # our own checks must accept it too
+    step(4, f"signed our NIS record (5.3): host null, port 0 (a leaf, 8.4), seq "
+            f"{own_record['seq']}, expires in {own_record['expires'] - now} s")
+    for entry in own_record["mail_keys"]:
+        info(f"mail key for epoch {entry['epoch']}: key_id {mail_key_id(entry['key'])}")
+
+    # -- 4. TCP and TLS 1.3 (8.1) ------------------------------------------------
     link = Link(host, port)
-    step(4, f"connected to {host}:{port} over TCP and TLS")
+    step(5, f"connected to {host}:{port} over TCP and TLS")
     is_open = False
     try:
-        # -- 4-6. hello, hello, auth (8.1) ----------------------------------------
+        # -- 5-7. hello, hello, auth (8.1) ----------------------------------------
         node_domain, node_record, node_key = handshake(link, private_key, own_domain, own_record)
         is_open = True
         # 8.1 "Opening", step 3: send getpeers (5.5), then hand over what we
         # hold for the peer -- our mail, sealed now.
         link.send({"type": "getpeers"})
-        step(9, "the connection is open at our end (8.1); sent getpeers (5.5)")
+        step(10, "the connection is open at our end (8.1); sent getpeers (5.5)")
 
-        # -- 7. seal and send a mail (6.1, 7.2) -----------------------------------
+        # -- 8. seal and send a mail (6.1, 7.2) -----------------------------------
         sender, recipient = f"Default@{own_domain}", f"Default@{node_domain}"
         subject = "Hello from a raw peer"
         body = ("This mail was sealed by examples/raw_peer.py, which implements\n"
-                "spec/PROTOCOL.md (version 2) without importing secral.py.")
-        mail, plaintext = seal_mail(private_key, sender, recipient, node_key,
-                                    subject, body, int(time.time()), MAIL_TTL)
-        step(10, f"sealed mail {mail['id']} (6.1)")
+                "spec/PROTOCOL.md (version 3) without importing secral.py.")
+        now = int(time.time())
+        mail, plaintext = seal_mail(private_key, sender, recipient, node_record,
+                                    subject, body, now, MAIL_TTL)
+        step(11, f"sealed mail {mail['id']} (6.1)")
         info(f"envelope: from {mail['from']} to {mail['to']} (domains only)")
         info(f"sealed:   from {sender} to {recipient}, padded to {len(plaintext)} bytes")
         info(f"AES-256-GCM, associated data {associated_data(mail).decode()}")
-        info("AES key wrapped with RSA-OAEP-SHA256 for the node's key; mail signed with RSA-PSS")
+        info(f"AES key wrapped with RSA-OAEP-SHA256 for the node's mail key of epoch "
+             f"{record_mail_key(node_record, now)[1]} (5.6; epoch now {epoch_of(now)}), "
+             f"key_id {mail['key_id']}; mail signed with RSA-PSS by our node key")
         size = link.send({"type": "mail", "hops": MAX_HOPS, "mail": mail})
-        step(11, f"sent mail frame, hops {MAX_HOPS} ({size} bytes)")
+        step(12, f"sent mail frame, hops {MAX_HOPS} ({size} bytes)")
 
-        # -- 8, 9. serve, then the ack (7.3, 7.5) ------------------------------------
+        # -- 9, 10. serve, then the ack (7.3, 7.5) ------------------------------------
         def our_ack(frame):
             # 7.5: an ack settles our mail only if it answers its id and comes
             # from the recipient's domain; any other ack is not ours to check.
@@ -1736,7 +2059,7 @@ def run(host, port, key_file):
             return True
         frame = serve_until(link, inbox, own_domain, our_ack, "the ack")
         ack = frame["ack"]
-        step(12, f"received the ack (hops {frame['hops']}): checks of 7.3 passed, signed by "
+        step(13, f"received the ack (hops {frame['hops']}): checks of 7.3 passed, signed by "
                  f"domain_B's key")
         info(f"from {ack['from']} to {ack['to']}, created {ack['created']}, "
              f"status {ack['status']!r}, reason {ack['reason']!r}")
@@ -1746,7 +2069,7 @@ def run(host, port, key_file):
             exc = ProtocolError("rejected", f"the node rejected the mail: {ack['reason']}")
             exc.from_node = True
             raise exc
-        step(13, f"delivered: {recipient} has the mail; closing with error shutdown (9.4)")
+        step(14, f"delivered: {recipient} has the mail; closing with error shutdown (9.4)")
         link.close("shutdown", "raw_peer.py is done")
     except ProtocolError as exc:
         # What the node sent broke a rule: before the handshake completed we

@@ -102,7 +102,7 @@ class CountingStore(secral.MemoryStore):
 
 class Network:
     def __init__(self, identities: list[Identity], edges: set[tuple[int, int]], seed: int,
-                 latency: tuple[float, float] = (0.005, 0.080)):
+                 mail_key: Identity, latency: tuple[float, float] = (0.005, 0.080)):
         self.rng = random.Random(seed)
         self.now = 1_800_000_000.0
         self.nodes: list[Node] = []
@@ -110,8 +110,10 @@ class Network:
             stores = Stores.memory()
             stores.relay = CountingStore()
             rng = random.Random(seed * 1000 + i)
+            keys = secral.MailKeys()            # one epoch is all a simulation lives; the nodes share
+            keys.add(secral.epoch_of(self.now), mail_key)   # its key, which changes no route
             self.nodes.append(Node(identity, stores, Config(host=None, target_outbound=0),
-                                   self.now, lambda n, r=rng: r.randbytes(n)))
+                                   self.now, lambda n, r=rng: r.randbytes(n), keys))
         self.edges = edges
         self.latency = {e: self.rng.uniform(*latency) for e in edges}
         self.online = [True] * len(identities)
@@ -208,10 +210,11 @@ class Network:
 
 def simulate(identities: list[Identity], topology: str, mails: int, churn: float, minutes: float,
              seed: int) -> dict:
-    n = len(identities)
+    """`identities`: one node each, and the last one more, the nodes' mail key."""
+    n = len(identities) - 1
     rng = random.Random(seed)
     edges = random_graph(n, 4, rng) if topology == "random" else scale_free_graph(n, 2, rng)
-    net = Network(identities, edges, seed)
+    net = Network(identities[:n], edges, seed, identities[n])
     for a, b in sorted(edges):
         net.connect(a, b)
     net.step_until(net.now + 5)                          # handshakes settle
@@ -277,12 +280,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    identities = load_keys(max(args.sizes))
+    identities = load_keys(max(args.sizes) + 1)
     results = []
     for size in args.sizes:
         for topology in args.topologies:
             started = time.monotonic()
-            r = simulate(identities[:size], topology, args.mails, args.churn, args.minutes, args.seed)
+            r = simulate(identities[:size] + identities[-1:], topology, args.mails, args.churn, args.minutes, args.seed)
             r["wall_s"] = time.monotonic() - started
             results.append(r)
             print(f"  {size:>4} nodes, {topology:<10} done in {r['wall_s']:.0f} s", file=sys.stderr)

@@ -54,9 +54,38 @@ class Script:
 
 
 def load_keys() -> dict[str, secral.Identity]:
+    """The test nodes by name, and their mail keys by name too ("bob-2976")."""
     with open(os.path.join(HERE, "keys.json")) as f:
         data = json.load(f)
-    return {k["name"]: secral.Identity.from_pem(k["private_pem"]) for k in data["keys"]}, data
+    MAIL_KEYS.update((k["name"], k) for k in data["mail_keys"])
+    OWNERS.update((k["domain"], k["name"]) for k in data["keys"])
+    return {k["name"]: secral.Identity.from_pem(k["private_pem"]) for k in data["keys"] + data["mail_keys"]}, data
+
+
+MAIL_KEYS: dict[str, dict] = {}     # keys.json's mail keys by name
+OWNERS: dict[str, str] = {}         # test node names by domain
+
+
+def ring_of(owner: str) -> secral.MailKeys:
+    """A test node's mail keys as every vector assumes them (11): all of its
+    keys in keys.json, but those marked "deleted", whose ids it remembers."""
+    ring = secral.MailKeys()
+    for k in MAIL_KEYS.values():
+        if k["owner"] == owner and k.get("deleted"):
+            ring.retired.add(k["id_hex"])
+        elif k["owner"] == owner:
+            ring.add(k["epoch"], secral.Identity.from_pem(k["private_pem"]))
+    return ring
+
+
+def make_record(identity, host, port, seq, expires, rng, first=None) -> dict:
+    """A record listing its node's mail keys from epoch `first` (by default
+    now's) to its expiry's (5.3)."""
+    owner = OWNERS[identity.domain]
+    first = secral.epoch_of(NOW) if first is None else first
+    listed = [{"epoch": e, "key": MAIL_KEYS[f"{owner}-{e}"]["public"]}
+              for e in range(first, secral.epoch_of(expires - 1) + 1)]
+    return secral.make_record(identity, host, port, seq, expires, listed, rng)
 
 
 def outcome(fn, *args) -> tuple[str, object]:
@@ -177,11 +206,12 @@ def names_vectors(keys, data) -> dict:
 
 # -- NIS records -----------------------------------------------------------------
 
-def records_vectors(keys) -> dict:
+def records_vectors(keys, data) -> dict:
     alice, bob = keys["alice"], keys["bob"]
+    BAD_KEYS = [k["public"] for k in data["bad_keys"]]
 
     def record(identity, host, port, seq, expires, label):
-        return secral.make_record(identity, host, port, seq, expires, Script(det(label, 32)))
+        return make_record(identity, host, port, seq, expires, Script(det(label, 32)))
 
     good = record(alice, "198.51.100.7", 7700, 1_800_000_000, NOW + 30 * 86400, "record-good")
     natted = record(bob, None, 0, 7, NOW + 86400, "record-natted")
@@ -202,11 +232,49 @@ def records_vectors(keys) -> dict:
         ("kind is not nis", alice.sign({**good, "kind": "mail"}, Script(det("record-kind", 32))), NOW),
         ("seq is a string", alice.sign({**good, "seq": "5"}, Script(det("record-seq", 32))), NOW),
         ("missing expires", {k: v for k, v in good.items() if k != "expires"}, NOW),
+        ("checked a week later, its first mail key is for a past epoch: still valid", good, NOW + 7 * 86400),
+        ("no mail_keys member", alice.sign({k: v for k, v in good.items() if k not in ("mail_keys", "sig")},
+                                          Script(det("record-nomk", 32))), NOW),
+        ("mail_keys is an object", alice.sign({**good, "mail_keys": good["mail_keys"][0]},
+                                              Script(det("record-mkobj", 32))), NOW),
+        ("mail_keys is empty", alice.sign({**good, "mail_keys": []}, Script(det("record-mk0", 32))), NOW),
+        ("the mail keys stop before the record expires: a node offline until then could not be written to",
+         alice.sign({**good, "mail_keys": good["mail_keys"][:-1]}, Script(det("record-mkshort", 32))), NOW),
+        ("the mail keys start after now's epoch", alice.sign({**good, "mail_keys": good["mail_keys"][1:]},
+                                                          Script(det("record-mklate", 32))), NOW),
+        ("an epoch is missing between two keys",
+         alice.sign({**good, "mail_keys": good["mail_keys"][:2] + [{**good["mail_keys"][3], "epoch": 2978}]
+                     + good["mail_keys"][4:]}, Script(det("record-mkgap", 32))), NOW),
+        ("one key listed for two epochs",
+         alice.sign({**good, "mail_keys": [good["mail_keys"][0], {**good["mail_keys"][0], "epoch": 2977}]
+                     + good["mail_keys"][2:]}, Script(det("record-mkdup", 32))), NOW),
+        ("the node key listed as a mail key",
+         alice.sign({**good, "mail_keys": [{"epoch": 2976, "key": alice.public_b64}] + good["mail_keys"][1:]},
+                    Script(det("record-mknode", 32))), NOW),
+        ("a mail key that is not RSA-3072", alice.sign(
+            {**good, "mail_keys": [{"epoch": 2976, "key": BAD_KEYS[0]}] + good["mail_keys"][1:]},
+            Script(det("record-mkbad", 32))), NOW),
+        ("an epoch given as a string", alice.sign(
+            {**good, "mail_keys": [{**good["mail_keys"][0], "epoch": "2976"}] + good["mail_keys"][1:]},
+            Script(det("record-mkstr", 32))), NOW),
+        ("seven mail keys", alice.sign({**good, "mail_keys": [{"epoch": 2975, "key": bob.public_b64}]
+                                        + good["mail_keys"] + [{"epoch": 2981, "key": keys["bob-2976"].public_b64}]},
+                                       Script(det("record-mk7", 32))), NOW),
+        ("a record whose clock is 20 minutes ahead lists from the next epoch: valid within the tolerance",
+         make_record(bob, None, 0, 3, 2977 * secral.MAIL_KEY_EPOCH + 86400, Script(det("record-ahead", 32)),
+                     first=2977), 2977 * secral.MAIL_KEY_EPOCH - 1200),
+        ("the same record, 1 s earlier: the clocks differ by more than the tolerance",
+         make_record(bob, None, 0, 3, 2977 * secral.MAIL_KEY_EPOCH + 86400, Script(det("record-ahead", 32)),
+                     first=2977), 2977 * secral.MAIL_KEY_EPOCH - 1201),
     ]
     vectors = []
     for comment, rec, now in cases:
         code, _ = outcome(secral.verify_record, rec, now)
         vectors.append({"op": "verify_record", "comment": comment, "now": now, "record": rec, "expect": code})
+    for k in MAIL_KEYS.values():
+        vectors.append({"op": "mail_key_id", "comment": f"the id of {k['name']}, the mail key of "
+                        f"{k['owner']} for epoch {k['epoch']}", "key": k["public"], "id_hex": k["id_hex"],
+                        "expect": "ok"})
     newer = record(alice, "198.51.100.8", 7700, good["seq"] + 1, NOW + 30 * 86400, "record-newer")
     for comment, new, old in [("higher seq replaces", newer, good), ("lower seq does not", good, newer),
                               ("equal seq does not, even if different", {**good, "host": "x"}, good),
@@ -230,6 +298,7 @@ def records_vectors(keys) -> dict:
         code, _ = outcome(secral.check_host, host, "host")
         vectors.append({"op": "check_host", "comment": comment, "host": host, "expect": code})
     return {"description": "NIS records (5.3): verify_record checks a record at time 'now'; "
+                           "mail_key_id is the id of a mail key (5.6); "
                            "record_supersedes says whether 'new' replaces 'old' in a NIS map (it needs no "
                            "time: both are verified records); check_host is the grammar of a record's host.",
             "vectors": vectors}
@@ -255,30 +324,36 @@ def pad_to_bucket(plain: dict) -> bytes:
     return secral.canonical_json({**plain, "pad": "0" * (bucket - size)})
 
 
-def seal_raw(keys, label, sender, recipient, plaintext: bytes, created, ttl, key_of=None) -> dict:
+def seal_raw(keys, label, sender, recipient, plaintext: bytes, created, ttl, key_of=None, named=None) -> dict:
     """A mail sealed around any plaintext bytes: what a faulty sender might
-    seal (the checks a sealer makes are skipped)."""
+    seal (the checks a sealer makes are skipped).  The AES key is wrapped to
+    the mail key `key_of` (by default the recipient's for the epoch of
+    `created`), and the envelope names `named` (a mail key's name or an id;
+    by default the same key)."""
     rng = script(randomness(label))
     s, t = keys[sender], keys[recipient]
+    key_of = key_of or f"{recipient}-{secral.epoch_of(created)}"
     mail = {"kind": "mail", "id": rng(16).hex(), "from": s.domain, "to": t.domain,
-            "from_key": s.public_b64, "created": created, "expires": created + ttl}
+            "from_key": s.public_b64, "created": created, "expires": created + ttl,
+            "key_id": MAIL_KEYS[named]["id_hex"] if named in MAIL_KEYS else named or MAIL_KEYS[key_of]["id_hex"]}
     aes, nonce = rng(32), rng(12)
     mail["ct"] = secral.b64e(secral.seal_gcm(aes, nonce, plaintext, secral.envelope_of(mail)))
     mail["nonce"] = secral.b64e(nonce)
-    mail["key"] = secral.b64e(secral.wrap_key(keys[key_of or recipient].key, aes, rng))
+    mail["key"] = secral.b64e(secral.wrap_key(keys[key_of].key, aes, rng))
     return s.sign(mail, rng)
 
 
 def seal_vector(keys, label, comment, sender, from_user, recipient, to_user, subject, body, created, ttl,
-                parts=(), in_reply_to=None) -> dict:
+                parts=(), in_reply_to=None, record=None) -> dict:
     r = randomness(label)
     s, t = keys[sender], keys[recipient]
+    record = record or make_record(t, None, 0, 1, NOW + 86400, Script(det(f"{label}/record", 32)))
     sender_address, recipient_address = Address(from_user, s.domain), Address(to_user, t.domain)
-    mail = secral.seal_mail(s, sender_address, recipient_address, t.public_b64, subject, body, created, ttl,
+    mail = secral.seal_mail(s, sender_address, recipient_address, record, subject, body, created, ttl,
                             script(r), parts, in_reply_to)
     plaintext = secral.make_plaintext(sender_address, recipient_address, subject, body, parts, in_reply_to)
     entry = {"op": "seal_mail", "comment": comment, "sender_key": sender, "from": str(sender_address),
-             "to": str(recipient_address), "recipient_key": recipient, "subject": subject, "body": body}
+             "to": str(recipient_address), "recipient_record": record, "subject": subject, "body": body}
     if parts:
         entry["parts"] = list(parts)
     if in_reply_to:
@@ -302,6 +377,12 @@ def mail_vectors(keys) -> dict:
                     created, 3600, parts=[{"type": "text/html", "data": secral.b64e(b"<p>See the <b>picture</b>.</p>")},
                                           {"type": "image/png", "name": "dot.png", "data": secral.b64e(png)}],
                     in_reply_to=det("mail-basic/id", 16).hex()),
+        seal_vector(keys, "mail-epoch", "sealed 10 minutes before an epoch ends, to a record made by a "
+                    "clock 5 minutes ahead whose first mail key is the next epoch's: that key is used",
+                    "alice", "Default", "bob", "Default", "Late", "Just in time.",
+                    2977 * secral.MAIL_KEY_EPOCH - 600, 3600,
+                    record=make_record(bob, None, 0, 2, 2977 * secral.MAIL_KEY_EPOCH + 86400,
+                                       Script(det("mail-epoch/record", 32)), first=2977)),
     ]
     good = vectors[0]["mail"]
     unicode_mail = vectors[1]["mail"]
@@ -361,7 +442,8 @@ def mail_vectors(keys) -> dict:
         vectors.append({"op": "verify_mail", "comment": comment, "now": now, "mail": mail, "expect": code})
 
     def open_case(comment, mail, recipient, now=NOW):
-        code, plain = outcome(lambda: secral.open_mail(keys[recipient], secral.verify_mail(mail, now)))
+        code, plain = outcome(lambda: secral.open_mail(keys[recipient], ring_of(recipient),
+                                                       secral.verify_mail(mail, now)))
         entry = {"op": "open_mail", "comment": comment, "now": now, "recipient": recipient, "mail": mail}
         if code == "ok":
             entry["plaintext"] = plain
@@ -372,13 +454,23 @@ def mail_vectors(keys) -> dict:
     open_case("Alice opens Bob's mail to alice.w", unicode_mail, "alice")
     open_case("Bob opens the mail with parts", with_parts, "bob")
     open_case("Carol cannot: it is not addressed to her", good, "carol")
+    open_case("Bob opens the mail sealed to his next epoch's key, in that epoch", vectors[3]["mail"], "bob",
+              2977 * secral.MAIL_KEY_EPOCH)
     plain = {"from": f"Default@{alice.domain}", "to": f"Default@{bob.domain}", "subject": "s", "body": "b"}
 
-    def sealed(label, plaintext, key_of=None):
-        return seal_raw(keys, label, "alice", "bob", plaintext, created, 3600, key_of)
+    def sealed(label, plaintext, key_of=None, named=None):
+        return seal_raw(keys, label, "alice", "bob", plaintext, created, 3600, key_of, named)
 
-    open_case("the key was wrapped for Carol, the mail addressed to Bob",
-              sealed("mail-wrongkey", pad_to_bucket(plain), key_of="carol"), "bob")
+    open_case("sealed to the mail key of epoch 2974, which Bob deleted at its time, 1,799,886,000 "
+              "(a sender with a stale record and a fresh created)",
+              sealed("mail-retired", pad_to_bucket(plain), key_of="bob-2974"), "bob")
+    open_case("sealed to a key Bob never had: Carol's mail key",
+              sealed("mail-unknown", pad_to_bucket(plain), key_of="carol-2976"), "bob")
+    open_case("sealed to Bob's node key, which is not a mail key: the id is unknown, no other key is tried",
+              seal_raw(keys, "mail-nodekey", "alice", "bob", pad_to_bucket(plain), created, 3600, key_of="bob",
+                       named=secral.mail_key_id(keys["bob"].public_b64)), "bob")
+    open_case("the envelope names Bob's mail key, the AES key was wrapped to Carol's",
+              sealed("mail-wrongkey", pad_to_bucket(plain), key_of="carol-2976", named="bob-2976"), "bob")
     open_case("the sealed recipient is at another domain than the envelope's",
               sealed("mail-mismatch", pad_to_bucket({**plain, "to": f"Default@{carol.domain}"})), "bob")
     open_case("the sealed sender is at another domain than the envelope's",
@@ -404,11 +496,13 @@ def mail_vectors(keys) -> dict:
     open_case("a part without a media type",
               sealed("mail-part-type", pad_to_bucket({**plain, "parts": [{"data": ""}]})), "bob")
     return {"description": "Mail (6). seal_mail: the mail 'from' (an address of the node of 'sender_key') "
-                           "seals for 'to' under the key of 'recipient_key', with 'random' drawn in the order "
+                           "seals for 'to' to the mail key (5.6) that 'recipient_record' lists for 'created', "
+                           "with 'random' drawn in the order "
                            "of 6.1; the result is exactly 'mail', and the sealed plaintext (6.1, padded) has "
                            "'plaintext_length' bytes and that SHA-256. make_plaintext: the limits a sealer "
                            "checks. verify_mail is what a relay checks at 'now'; open_mail is verify_mail "
-                           "plus what only the recipient (a key from keys.json) can check, and gives "
+                           "plus what only the recipient (a node from keys.json, holding its mail keys from "
+                           "keys.json but those marked deleted) can check, and gives "
                            "'plaintext'.", "vectors": vectors}
 
 
@@ -459,8 +553,8 @@ def acks_vectors(keys) -> dict:
 
 def handshake_vectors(keys) -> dict:
     alice, bob, carol = keys["alice"], keys["bob"], keys["carol"]
-    alice_record = secral.make_record(alice, "198.51.100.7", 7700, 1, NOW + 86400, Script(det("hs-ra", 32)))
-    carol_record = secral.make_record(carol, None, 0, 1, NOW + 86400, Script(det("hs-rc", 32)))
+    alice_record = make_record(alice, "198.51.100.7", 7700, 1, NOW + 86400, Script(det("hs-ra", 32)))
+    carol_record = make_record(carol, None, 0, 1, NOW + 86400, Script(det("hs-rc", 32)))
     bob_nonce = secral.b64e(det("hs-bob-nonce", 16))
     hello = secral.make_hello(alice_record, det("hs-alice-nonce", 16))
     hello["agent"] = "secral-vectors/2"
@@ -562,7 +656,7 @@ def nis_vectors(keys) -> dict:
     bob, carol = keys["bob"], keys["carol"]
 
     def record(identity, seq, label, host="198.51.100.9", port=7700, expires=NOW + 86400, **change):
-        rec = secral.make_record(identity, host, port, seq, expires, Script(det(label, 32)))
+        rec = make_record(identity, host, port, seq, expires, Script(det(label, 32)))
         return identity.sign({**rec, **change}, Script(det(label + "/2", 32))) if change else rec
 
     qid = det("nis-qid", 16).hex()
@@ -623,7 +717,7 @@ def build() -> dict[str, str]:
     files = {
         "encoding.json": encoding_vectors(),
         "names.json": names_vectors(keys, data),
-        "records.json": records_vectors(keys),
+        "records.json": records_vectors(keys, data),
         "mail.json": mail_vectors(keys),
         "acks.json": acks_vectors(keys),
         "handshake.json": handshake_vectors(keys),
