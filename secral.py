@@ -13,7 +13,7 @@ a mail: it is sealed with AES-256-GCM under a fresh key wrapped with the
 recipient's RSA mail key of the week, and signed by the sender's node.  A
 node's long-lived key only signs; each week's mail key is deleted once no
 valid mail can still be sealed to it, so a key stolen at time T opens mail
-sealed at most 14 days and 20 minutes before T (section 5.6).
+sealed at most 14 days and 40 minutes before T (section 5.6).
 
 Nodes are named by NIS, a DNS-like system in which a name is a hash of a
 public key: `node-` and 24 base32 letters.  An address is `user@node-...`.
@@ -189,7 +189,8 @@ MAIL_KEY_EPOCH = 7 * 86_400     # an epoch, from Unix time 0: the mail sealed to
 MAIL_KEY_RETENTION = MAX_TTL + CLOCK_TOLERANCE  # an epoch's private key outlives the epoch
                                 # by the longest a mail sealed in it can still arrive, then
                                 # it is deleted: a key stolen at T opens mail sealed since
-                                # T - MAIL_KEY_EPOCH - MAIL_KEY_RETENTION at the earliest
+                                # T - MAIL_KEY_EPOCH - MAIL_KEY_RETENTION - CLOCK_TOLERANCE
+                                # at the earliest (14 days 40 minutes)
 MAX_MAIL_KEYS = MAX_RECORD_LIFETIME // MAIL_KEY_EPOCH + 2   # a record lists a key for every
                                 # epoch its lifetime touches (at most 6), so a node offline
                                 # for all of it can still be written to
@@ -593,6 +594,10 @@ class CryptoMemo:
             while len(self.entries) > self.size:
                 self.entries.popitem(last=False)
 
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
     def take(self, key: tuple) -> Any:
         """An entry put there ahead, used once; None if there is none."""
         with self.lock:
@@ -774,12 +779,19 @@ def save_identity(identity: Identity, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, mode=0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)                          # left by a write that failed before
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(identity.to_pem())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(identity.to_pem())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def verify_signed(obj: dict, key: RSA.RsaKey, what: str) -> None:
@@ -2188,13 +2200,16 @@ class Delivery:
 
     def load(self, now: float) -> None:
         """Rebuild the index from the durable stores after a start."""
-        for key, entry in list(self.stores.relay.items()):
+        unopenable = []
+        for key, entry in self.stores.relay.items():   # (one at a time: there may be 100,000)
             obj = entry["obj"]
             if entry["kind"] == "mail" and "key_id" not in obj:   # sealed by version 2: nobody can
-                del self.stores.relay[key]                        # open it now (its sender re-seals)
+                unopenable.append(key)                            # open it now (its sender re-seals)
                 continue
             self.add(Item.relayed(key, entry["kind"], obj, entry["hops"], entry["expires"], now,
                                   own=object_domains(obj)[0] == self.node.domain))
+        for key in unopenable:
+            del self.stores.relay[key]
 
     def held_object(self, item: Item) -> dict | None:
         entry = getattr(self.stores, item.store).get(item.ref)
@@ -2522,8 +2537,8 @@ class Outbox:
         """Hand what still waits back to Delivery after a start."""
         for mail_id, entry in self.stores.outbox.items():
             if entry["status"] in OUTBOX_WAITING and entry.get("mail") and "key_id" not in entry["mail"]:
-                entry["mail"] = None                # sealed by version 2 to a node key: sealed again,
-                self.stores.outbox[mail_id] = entry  # to a mail key, once the v3 record is known
+                entry.update(mail=None, status="queued")    # sealed by version 2 to a node key: sealed
+                self.stores.outbox[mail_id] = entry          # again, to a mail key, once its record is known
             if entry["status"] in OUTBOX_WAITING:
                 self.hand_over(mail_id, entry, now)
         for domain in [d for d in self.waiting_key if self.node.names.known_record(d, now)]:
@@ -2764,7 +2779,7 @@ class Names:
         moved = old is None or old["host"] != host or old["port"] != port
         cut_short = old is not None and old["expires"] == (old["mail_keys"][-1]["epoch"] + 1) * MAIL_KEY_EPOCH
         due = old is not None and expires > old["expires"] and (cut_short or old["expires"] - now <= RECORD_REFRESH)
-        if not listed or not (moved or due):
+        if not listed or not (moved or due or self.record_is_wrong(old, now)):
             return False                        # (nothing to gain until more keys are made)
         seq = max(int(now), old["seq"] + 1 if old else 0)
         listed = [k for k in listed if k["epoch"] <= epoch_of(expires - 1)]
@@ -2773,6 +2788,15 @@ class Names:
         for peer in self.node.links.open.values():
             self.node.links.send(peer, {"type": "peers", "records": [record]})
         return True
+
+    def record_is_wrong(self, record: dict, now: float) -> bool:
+        """Our record lists, for now or later, a mail key we do not hold (the
+        keys were lost, or deleted by a clock set far ahead), or it was
+        signed by a clock far ahead: it must go, even for a shorter one."""
+        keys = self.node.mail_keys
+        return (record["expires"] > now + MAX_RECORD_LIFETIME
+                or any(k["epoch"] >= epoch_of(now) and keys.public(k["epoch"]) != k["key"]
+                       for k in record["mail_keys"]))
 
     def known_record(self, domain: str, now: float) -> dict | None:
         """An unexpired record for `domain` (not our own) from the map."""
@@ -3332,6 +3356,7 @@ class Node:
     def retire_mail_keys(self, now: float) -> None:
         """Delete the mail keys whose time has come (6.3), at that instant."""
         for epoch in self.mail_keys.retire_due(now):
+            RSA_MEMO.clear()                    # (it holds unwrapped AES keys of recent mail)
             self.event("mail_key_retired", epoch=epoch)
 
     def sweep(self, now: float) -> None:
@@ -3480,6 +3505,8 @@ class SqliteMapping(MutableMapping):
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={synchronous}")
+        if synchronous == "FULL":               # mail and passwords: a deleted row is zeroed in the
+            self.db.execute("PRAGMA secure_delete=ON")   # file (the WAL keeps it to the next checkpoint)
         self.db.execute("CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
 
     def __getitem__(self, key: bytes) -> bytes:
@@ -3686,9 +3713,21 @@ class MailKeys:
             with open(os.path.join(self.directory, "retired"), encoding="ascii") as f:
                 self.retired.update(line.split()[1] for line in f if len(line.split()) == 2)
         for name in sorted(os.listdir(self.directory)):
-            if re.fullmatch(r"[0-9]+\.pem", name):
-                identity = load_identity(os.path.join(self.directory, name), create=False)
-                self._hold(int(name[:-4]), identity)
+            path = os.path.join(self.directory, name)
+            if name.endswith(".tmp"):           # a write a crash cut short: it may hold a key
+                self._wipe(path)
+            elif re.fullmatch(r"[0-9]+\.pem", name):
+                try:
+                    identity = load_identity(path, create=False)
+                except LocalError:              # zeroed by a deletion a crash cut short
+                    log.warning("mail key file %s cannot be read: wiped", name)
+                    self._wipe(path)
+                    continue
+                if mail_key_id(identity.public_b64) in self.retired:
+                    self._wipe(path)            # (its id was noted before the crash)
+                else:
+                    self._hold(int(name[:-4]), identity)
+        self._sync_directory()
 
     def _hold(self, epoch: int, identity: Identity) -> str:
         key_id = mail_key_id(identity.public_b64)
@@ -3705,7 +3744,14 @@ class MailKeys:
                 raise LocalError("exists", f"epoch {epoch} has a key, or key {key_id} was used")
             if self.directory is not None:
                 save_identity(identity, os.path.join(self.directory, f"{epoch}.pem"))
+                self._sync_directory()          # the file's name is durable before a record lists it
             return self._hold(epoch, identity)
+
+    def public(self, epoch: int) -> str | None:
+        """The public key held for `epoch`, if any."""
+        with self.lock:
+            held = self.keys.get(epoch)
+        return held[1] if held else None
 
     def private_key(self, key_id: str) -> Any:
         """The private key a mail's key_id names (6.3), or why there is none."""
@@ -3748,13 +3794,20 @@ class MailKeys:
             f.write(f"{epoch} {key_id}\n")
             f.flush()
             os.fsync(f.fileno())
-        path = os.path.join(self.directory, f"{epoch}.pem")
+        self._wipe(os.path.join(self.directory, f"{epoch}.pem"))
+        self._sync_directory()
+
+    @staticmethod
+    def _wipe(path: str) -> None:
+        """Overwrite a file with zeros, sync it, unlink it."""
         with contextlib.suppress(FileNotFoundError):
             with open(path, "r+b") as f:
                 f.write(b"\0" * os.fstat(f.fileno()).st_size)
                 f.flush()
                 os.fsync(f.fileno())
             os.unlink(path)
+
+    def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -4301,10 +4354,11 @@ class NodeShell:
             config.port = self.server.server_address[1]
         self.mail_key_source = mail_key_source or (lambda epoch, keys: Identity.generate())
         self.mail_keys = MailKeys(os.path.join(data_dir, MAIL_KEY_DIR))
-        if epoch_of(self.clock()) not in self.mail_keys.keys:     # the one key a start waits for
-            if announce is not None:
+        first = [e for e in {epoch_of(self.clock()), epoch_of(self.clock() + 86_400)} if e not in self.mail_keys.keys]
+        if first:                               # what a start waits for: this week's key (and the
+            if announce is not None:            # next one's, in a week's last day)
                 announce(f"generating this week's mail key (RSA-{RSA_BITS}) ...")
-            self.make_mail_keys([epoch_of(self.clock())])
+            self.make_mail_keys(sorted(first))
         self.core = Node(self.identity, self.stores, config, self.clock(), os.urandom, self.mail_keys)
         self.control: "ControlServer | None" = None
         self.threads: list[threading.Thread] = []
@@ -4496,7 +4550,8 @@ class NodeShell:
                     self.call("refresh_record")
                     rest = (time.monotonic() - started) * MAIL_KEY_REST
             except Exception:
-                log.exception("making mail keys failed")
+                log.exception("making mail keys failed; trying again in a minute")
+                rest = 60
 
     def stop(self) -> None:
         """Stop cleanly: tell peers, close sockets, close the stores."""

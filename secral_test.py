@@ -3114,6 +3114,21 @@ def test_no_mail_is_lost_when_relay_and_recipient_are_killed(procs, tmp_path):
 
 # -- forward secrecy: epoch mail keys (spec 5.6), with a moved clock --------------
 
+def test_no_valid_mail_can_be_sealed_to_a_deleted_mail_key():
+    """Spec 5.6: whatever the clocks, a mail sealed to epoch e's key expires
+    before the key is deleted: sealed earliest 1,200 s before e (a sender
+    whose clock is behind takes the next epoch's key), latest in e's last
+    second, and living at most MAX_TTL; the recipient's clock may be the
+    tolerance behind."""
+    W = secral.MAIL_KEY_EPOCH
+    for e in (0, 2976, 10**6):
+        for created in (e * W - secral.CLOCK_TOLERANCE, e * W, (e + 1) * W - 1):
+            assert created + secral.MAX_TTL + secral.CLOCK_TOLERANCE <= secral.mail_key_deletion(e)
+    record = make_record(key(0), None, 0, 1, NOW + secral.RECORD_LIFETIME, now=NOW)
+    for now in range(NOW, NOW + secral.RECORD_LIFETIME, 3600):   # a valid record always has a key
+        assert secral.mail_key_for(record, now)["epoch"] == secral.epoch_of(now)
+
+
 def set_clock(path: str, at: float, *running: str) -> float:
     """Move every node on this clock file to Unix time `at` (no sleeping),
     and wait until the nodes `running` (data directories) have read it."""
@@ -3172,7 +3187,7 @@ def test_a_mail_key_opens_mail_until_its_deletion_and_is_then_in_no_file(procs, 
     sent = json.loads(cli("send", b.address(), "-s", "end of E", "-b", "sealed in E", "--json", data_dir=A).stdout)
     assert sent["key_id"] == secral.mail_key_id(secret.public_b64)
     deletion = secral.mail_key_deletion(epoch)
-    set_clock(clock, deletion - 1830)           # the mail expires at deletion - 1230: still valid
+    set_clock(clock, sent["expires"] - 60)      # B is back in the mail's last minute
     b = procs(B, 71, "--peer", f"127.0.0.1:{a.port}", "--clock-file", clock)
     eventually(lambda: outbox(A)[sent["id"]] == "delivered", timeout=30)
     assert "sealed in E" in cli("read", sent["id"][:8], data_dir=B).stdout
@@ -3182,7 +3197,6 @@ def test_a_mail_key_opens_mail_until_its_deletion_and_is_then_in_no_file(procs, 
     eventually(lambda: epoch not in status(B)["mail_keys"]["held"])
     assert f"{epoch}.pem" not in os.listdir(os.path.join(B, "mail-keys"))
     assert files_holding(B, key_material(secret)) == []
-    assert files_holding(A, key_material(secret)) == []
 
     peer = RawPeer(b.port, key(72))
     peer.handshake(now=int(now))
@@ -3240,6 +3254,7 @@ def test_a_node_that_lost_its_mail_keys_refuses_mail_to_them_and_the_sender_is_t
     a = procs(A, 76)
     b = procs(B, 77, "--peer", f"127.0.0.1:{a.port}")
     eventually(lambda: b.domain in peers_of(A))
+    old_seq = json.loads(cli("nis", "lookup", b.domain, "--json", data_dir=A).stdout)["seq"]
     b.stop()
     sent = json.loads(cli("send", b.address(), "-s", "to the old key", "-b", "x", "--json", data_dir=A).stdout)
     shutil.rmtree(os.path.join(B, "mail-keys"))
@@ -3248,11 +3263,16 @@ def test_a_node_that_lost_its_mail_keys_refuses_mail_to_them_and_the_sender_is_t
         secral.save_identity(key(n), os.path.join(fresh, f"{n}.pem"))
     b = procs(B, 77, "--peer", f"127.0.0.1:{a.port}", "--test-key-pool", fresh)
     eventually(lambda: outbox(A)[sent["id"]] == "rejected", timeout=30)
+    # B's record listed the keys it lost: it signs a new one at once, and new mail opens.
+    eventually(lambda: json.loads(cli("nis", "lookup", b.domain, "--json", data_dir=A).stdout)["seq"]
+               > old_seq)
+    again = json.loads(cli("send", b.address(), "-s", "to the new key", "-b", "y", "--json", data_dir=A).stdout)
+    eventually(lambda: outbox(A)[again["id"]] == "delivered", timeout=30)
     entry = json.loads(cli("outbox", "--json", data_dir=A).stdout)[0]
     assert entry["reason"] == "unknown_key"
     bounce = [m for m in json.loads(cli("inbox", "--json", data_dir=A).stdout) if m["from"].startswith("Core@")]
     assert len(bounce) == 1 and bounce[0]["subject"] == "Undelivered: to the old key"
-    assert json.loads(cli("inbox", "--json", data_dir=B).stdout) == []
+    assert [m["subject"] for m in json.loads(cli("inbox", "--json", data_dir=B).stdout)] == ["to the new key"]
 
 
 # =============================================================================

@@ -206,6 +206,9 @@ def names_vectors(keys, data) -> dict:
 
 # -- NIS records -----------------------------------------------------------------
 
+END_2976 = 2977 * secral.MAIL_KEY_EPOCH     # the end of now's epoch
+
+
 def records_vectors(keys, data) -> dict:
     alice, bob = keys["alice"], keys["bob"]
     BAD_KEYS = [k["public"] for k in data["bad_keys"]]
@@ -260,6 +263,19 @@ def records_vectors(keys, data) -> dict:
         ("seven mail keys", alice.sign({**good, "mail_keys": [{"epoch": 2975, "key": bob.public_b64}]
                                         + good["mail_keys"] + [{"epoch": 2981, "key": keys["bob-2976"].public_b64}]},
                                        Script(det("record-mk7", 32))), NOW),
+        ("signed in the last hour of an epoch for 30 days: six mail keys, the most a record can need",
+         make_record(alice, "198.51.100.7", 7700, 3, END_2976 - 3600 + 30 * 86400, Script(det("record-six", 32))),
+         END_2976 - 3600),
+        ("an element that is not an object", alice.sign({**good, "mail_keys": ["x"] + good["mail_keys"][1:]},
+                                                       Script(det("record-mkx", 32))), NOW),
+        ("an element with a member Secral does not define: ignored (it is signed with the rest)",
+         alice.sign({**good, "mail_keys": [{**good["mail_keys"][0], "note": "x"}] + good["mail_keys"][1:]},
+                    Script(det("record-mkextra", 32))), NOW),
+        ("expires 50 s before its epoch ends but lists only the next epoch's key: checked 10 minutes before "
+         "the end, the keys must cover the expiry's epoch, whatever the tolerance",
+         bob.sign({**make_record(bob, None, 0, 4, END_2976 - 50, Script(det("record-min", 32))),
+                   "mail_keys": [{"epoch": 2977, "key": keys["bob-2977"].public_b64}]},
+                  Script(det("record-min/2", 32))), END_2976 - 600),
         ("a record whose clock is 20 minutes ahead lists from the next epoch: valid within the tolerance",
          make_record(bob, None, 0, 3, 2977 * secral.MAIL_KEY_EPOCH + 86400, Script(det("record-ahead", 32)),
                      first=2977), 2977 * secral.MAIL_KEY_EPOCH - 1200),
@@ -377,12 +393,17 @@ def mail_vectors(keys) -> dict:
                     created, 3600, parts=[{"type": "text/html", "data": secral.b64e(b"<p>See the <b>picture</b>.</p>")},
                                           {"type": "image/png", "name": "dot.png", "data": secral.b64e(png)}],
                     in_reply_to=det("mail-basic/id", 16).hex()),
-        seal_vector(keys, "mail-epoch", "sealed 10 minutes before an epoch ends, to a record made by a "
-                    "clock 5 minutes ahead whose first mail key is the next epoch's: that key is used",
+        seal_vector(keys, "mail-epoch", "sealed 10 minutes before an epoch ends, to a record signed by a "
+                    "clock already in the next epoch (10 minutes or more ahead of the sender's), whose first "
+                    "mail key is the next epoch's: that key is used",
                     "alice", "Default", "bob", "Default", "Late", "Just in time.",
                     2977 * secral.MAIL_KEY_EPOCH - 600, 3600,
                     record=make_record(bob, None, 0, 2, 2977 * secral.MAIL_KEY_EPOCH + 86400,
                                        Script(det("mail-epoch/record", 32)), first=2977)),
+        seal_vector(keys, "mail-week-later", "sealed a week after Bob signed his 30-day record of five keys: "
+                    "to the key of the epoch the mail is sealed in, the second", "alice", "Default", "bob",
+                    "Default", "A week on", "Still there?", NOW + 7 * 86400, 3600,
+                    record=make_record(bob, None, 0, 5, NOW + 30 * 86400, Script(det("mail-week/record", 32)))),
     ]
     good = vectors[0]["mail"]
     unicode_mail = vectors[1]["mail"]
