@@ -1736,11 +1736,15 @@ class Item:
 
     @classmethod
     def relayed(cls, key: str, kind: str, obj: dict, hops: int, expires: int, now: float,
-                own: bool = False, source: str | None = None, next_try: float | None = None) -> "Item":
-        """A held relay-store object: a mail goes from origin to target, an ack back."""
+                own: bool = False, source: str | None = None, next_try: float | None = None,
+                size: int | None = None) -> "Item":
+        """A held relay-store object: a mail goes from origin to target, an ack back.
+        `size` is its canonical length, if the store kept it (a restart need
+        not encode every held object again)."""
         origin, target = object_domains(obj)
+        size = len(canonical_json(obj)) if size is None else size
         return cls(key=key, kind=kind, mail_id=obj["id"], store="relay", ref=key, target=target,
-                   origin=origin, expires=expires, size=len(canonical_json(obj)), hops=hops, own=own,
+                   origin=origin, expires=expires, size=size, hops=hops, own=own,
                    next_try=now if next_try is None else next_try, source=source)
 
     @classmethod
@@ -2207,7 +2211,7 @@ class Delivery:
                 unopenable.append(key)                            # open it now (its sender re-seals)
                 continue
             self.add(Item.relayed(key, entry["kind"], obj, entry["hops"], entry["expires"], now,
-                                  own=object_domains(obj)[0] == self.node.domain))
+                                  own=object_domains(obj)[0] == self.node.domain, size=entry.get("size")))
         for key in unopenable:
             del self.stores.relay[key]
 
@@ -2365,7 +2369,7 @@ class Delivery:
         if frees:                               # an ack for nothing we held earns nothing
             self.links.reward(peer, "ack_relayed", now)
         self.stores.relay[key] = {"kind": kind, "obj": obj, "hops": hops - 1,
-                                  "received": int(now), "expires": expires}
+                                  "received": int(now), "expires": expires, "size": item.size}
         self.remember(key, expires)
         peer.last_object = now                  # a new object to carry (9.3)
         item.offered.add(peer.conn)
@@ -2416,11 +2420,11 @@ class Delivery:
         item = self.items.get(key)
         if item is None:
             expires = ack["created"] + ack_lifetime()
-            self.stores.relay[key] = {"kind": "ack", "obj": ack, "hops": MAX_HOPS,
-                                      "received": int(now), "expires": expires}
-            self.remember(key, expires)
             item = Item.relayed(key, "ack", ack, MAX_HOPS, expires, now, own=True,
                                 next_try=now + self.node.config.retry_first)
+            self.stores.relay[key] = {"kind": "ack", "obj": ack, "hops": MAX_HOPS,
+                                      "received": int(now), "expires": expires, "size": item.size}
+            self.remember(key, expires)
             self.add(item)
         if peer is not None and peer.state == "open":
             self.offer(item, peer, now)         # the peer that brought the mail waits for this
@@ -3542,6 +3546,19 @@ class SqliteMapping(MutableMapping):
             keys = [row[0] for row in self.db.execute("SELECT key FROM kv ORDER BY key")]
         return iter(keys)
 
+    def rows(self, page: int = 1000) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, value), a page at a time in key order: one query per
+        page, not one per key, and never the whole table in memory."""
+        after = b""
+        while True:
+            with self.lock:
+                rows = self.db.execute("SELECT key, value FROM kv WHERE key > ? ORDER BY key LIMIT ?",
+                                       (after, page)).fetchall()
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
+
     def __len__(self) -> int:
         with self.lock:
             return self.db.execute("SELECT COUNT(*) FROM kv").fetchone()[0]
@@ -3580,6 +3597,9 @@ class JsonShelf(shelve.Shelf):
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.dict[key.encode(self.keyencoding)] = json.dumps(value, sort_keys=True, allow_nan=False).encode()
+
+    def items(self) -> Iterator[tuple[str, Any]]:       # (what a start reads, 100,000 items at a time)
+        return ((key.decode(self.keyencoding), json.loads(value)) for key, value in self.dict.rows())
 
 
 class MemoryStore(dict):

@@ -3512,7 +3512,7 @@ def test_hostile_bytes_where_tls_belongs(target):
     domain, so the address pays bad_tls; a v1 node's JSON hello is told, in
     plain JSON, which version this is."""
     noise = plain_tcp(target.port, 108)
-    noise.sendall(os.urandom(3000))
+    noise.sendall(b"\x80" + os.urandom(2999))   # (a first "{" would be a v1 node's hello, below)
     assert noise.recv(100) == b""
     eventually(lambda: score_of(target, "ip:127.0.0.108") == secral.REPUTATION_EVENTS["bad_tls"][0])
     old = plain_tcp(target.port, 109)
