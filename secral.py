@@ -1711,11 +1711,12 @@ class Peer:
         return f"<Peer #{self.conn} {self.domain or self.ip} {self.state}>"
 
 
-@dataclasses.dataclass(kw_only=True)
+@dataclasses.dataclass(kw_only=True, slots=True)
 class Item:
     """Something this node is trying to deliver: the routing view of an outbox
     mail, a stored relay object or one of our own acks.  The signed object
-    itself stays in its store; this is the small index kept in memory."""
+    itself stays in its store; this is the small index kept in memory (with
+    slots, and the domains shared: a relay may hold 100,000 of them)."""
 
     key: str                    # mail_key / ack_key (7.1)
     kind: str                   # "mail" | "ack"
@@ -1741,7 +1742,7 @@ class Item:
         """A held relay-store object: a mail goes from origin to target, an ack back.
         `size` is its canonical length, if the store kept it (a restart need
         not encode every held object again)."""
-        origin, target = object_domains(obj)
+        origin, target = map(sys.intern, object_domains(obj))
         size = len(canonical_json(obj)) if size is None else size
         return cls(key=key, kind=kind, mail_id=obj["id"], store="relay", ref=key, target=target,
                    origin=origin, expires=expires, size=size, hops=hops, own=own,
