@@ -7919,14 +7919,17 @@ def make_keys(count: int) -> list[Identity]:
 
 
 def bench_keys(base: str, count: int) -> list[Identity]:
-    """`count` fresh keys; also the mail-key pool of the benchmark's nodes
-    (node --test-key-pool), so that the run measures mail, not the key
-    generation a node does ahead of time (timed on its own)."""
-    keys = make_keys(count)
+    """`count` fresh keys for the tool peers, and the mail-key pool of the
+    benchmark's nodes (node --test-key-pool): as many keys as a node makes
+    ahead (every epoch up to MAIL_KEYS_AHEAD), so that the run measures
+    mail, not the key generation a node does in the background (timed on
+    its own)."""
+    ahead = epoch_of(MAIL_KEYS_AHEAD) + 2
+    keys = make_keys(count + ahead)
     os.makedirs(os.path.join(base, BENCH_KEY_POOL), mode=0o700)
-    for n, key in enumerate(keys[:MAX_MAIL_KEYS + 2]):
+    for n, key in enumerate(keys[count:]):
         save_identity(key, os.path.join(base, BENCH_KEY_POOL, f"{n}.pem"))
-    return keys
+    return keys[:count]
 
 
 class BenchNode:
