@@ -68,7 +68,8 @@ Reading order (sections of this file)
     Stores               shelve over SQLite, durable and thread-safe
     Network shell        sockets, TLS 1.3 (stdlib ssl) and threads around the core
     Control interface    the local port the CLI talks to
-    Mail clients         SMTP submission and POP3 on 127.0.0.1
+    Mail clients         SMTP submission, IMAP and POP3 on 127.0.0.1: whole
+                         MIME messages in and out, bounces
     Command line         python3 secral.py node | send | inbox | ...
     Tools                python3 secral.py demo | bench, and WirePeer
 
@@ -4973,11 +4974,12 @@ class Control:
 
 
 # =============================================================================
-# Mail clients: SMTP submission and POP3
+# Mail clients: SMTP submission, IMAP and POP3
 # =============================================================================
-# So that Thunderbird, mutt or Python's smtplib/poplib can use a node, it can
-# serve the subset of SMTP submission (RFC 5321, RFC 4954 AUTH PLAIN) and
-# POP3 (RFC 1939) a mail client needs, on 127.0.0.1 by default: these ports
+# So that Thunderbird, a phone, mutt or Python's smtplib/imaplib/poplib can
+# use a node, it can serve the subset of SMTP submission (RFC 5321, RFC 4954
+# AUTH PLAIN), IMAP4rev1 (RFC 3501, further below) and POP3 (RFC 1939) a
+# mail client needs, on 127.0.0.1 by default: these ports
 # carry passwords and plaintext, and are meant for the machine the node runs
 # on.  Passwords are set with `secral.py passwd USER` and kept as salted
 # scrypt hashes.  Nothing here is part of the Secral protocol.
