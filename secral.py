@@ -169,6 +169,7 @@ RSA_BITS = 3072                 # ~128-bit security; the only size a node accept
 RSA_EXPONENT = 65537            # the only public exponent a node accepts
 RSA_BYTES = RSA_BITS // 8       # length of a signature and of a wrapped key
 PSS_SALT = 32                   # bytes of salt in each signature (= SHA-256 size)
+SHA256_BYTES = 32               # a SHA-256 digest
 AES_KEY = 32                    # AES-256
 GCM_NONCE = 12                  # bytes; the size GCM is designed for
 GCM_TAG = 16                    # bytes, appended to the ciphertext
@@ -628,13 +629,43 @@ def sign_ahead(key: RSA.RsaKey, message: bytes) -> None:
 
 
 def verify_signature(key: RSA.RsaKey, message: bytes, signature: bytes) -> bool:
-    def verify() -> bool:
-        try:
-            pss.new(key, salt_bytes=PSS_SALT).verify(SHA256.new(message), signature)
-            return True
-        except (ValueError, TypeError):
-            return False
-    return RSA_MEMO.get(("verify", key.n, signature, hashlib.sha256(message).digest()), verify)
+    digest = hashlib.sha256(message).digest()
+    return RSA_MEMO.get(("verify", key.n, signature, digest), lambda: verify_pss(key, digest, signature))
+
+
+def verify_pss(key: RSA.RsaKey, digest: bytes, signature: bytes) -> bool:
+    """RSASSA-PSS-VERIFY (RFC 8017 8.1.2 and EMSA-PSS-VERIFY, 9.1.2) with
+    SHA-256, MGF1-SHA-256 and a 32-byte salt, for a key of RSA_BITS:
+    `digest` is SHA-256 of the message.  Written out rather than taken from
+    pycryptodome's pss module, which makes some thirty calls into C per
+    verification (a hash object for each MGF1 block), each giving up and
+    taking back the interpreter lock: a relay verifies every frame, and
+    here only the RSA operation leaves Python.  Everything verified is
+    public, so nothing needs constant time.  The vectors and an OpenSSL
+    cross-check hold it to the standard."""
+    em_bits = RSA_BITS - 1                      # emBits = modBits - 1; emLen = 384
+    em_len = (em_bits + 7) // 8
+    masked_len = em_len - SHA256_BYTES - 1      # maskedDB
+    if len(signature) != RSA_BYTES:
+        return False
+    s = int.from_bytes(signature, "big")
+    if s >= key.n:
+        return False
+    m = key._encrypt(s)                         # RSAVP1: s^e mod n (pycryptodome's raw public operation)
+    em = m.to_bytes(em_len, "big")              # (m < n < 2^3072 fits emLen = 384 bytes)
+    masked, h = em[:masked_len], em[masked_len:-1]
+    if em[-1] != 0xBC or masked[0] >> (8 - (8 * em_len - em_bits)):
+        return False                            # no trailer byte, or a leftmost bit set
+    mask = b"".join(hashlib.sha256(h + counter.to_bytes(4, "big")).digest()
+                    for counter in range(-(-masked_len // SHA256_BYTES)))       # MGF1(H, maskedDB length)
+    db = int.from_bytes(masked, "big") ^ int.from_bytes(mask[:masked_len], "big")
+    db &= (1 << em_bits - 8 * SHA256_BYTES - 8) - 1     # clear the leftmost 8 * emLen - emBits bits
+    db_bytes = db.to_bytes(masked_len, "big")
+    zeros = masked_len - PSS_SALT - 1           # DB = PS (zeros) || 0x01 || salt
+    if db_bytes[:zeros] != bytes(zeros) or db_bytes[zeros] != 0x01:
+        return False
+    salt = db_bytes[zeros + 1:]
+    return hmac.compare_digest(hashlib.sha256(bytes(8) + digest + salt).digest(), h)
 
 
 def wrap_key(key: RSA.RsaKey, secret: bytes, rng: Rng = os.urandom) -> bytes:

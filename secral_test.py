@@ -442,6 +442,77 @@ def test_signatures_detect_any_change():
         secral.verify_signed(signed, key(1).key, "t")
 
 
+def raw_pss(identity: Identity, digest: bytes, salt: bytes = b"s" * 32, trailer: int = 0xBC,
+            top_bit: bool = False, one: int = 0x01, zeros: bytes | None = None) -> bytes:
+    """EMSA-PSS-ENCODE (RFC 8017 9.1.1) written out, each step a parameter,
+    and signed with the bare private operation: a valid signature, or one
+    with exactly one flaw."""
+    em_len, h_len = 384, 32
+    h = hashlib.sha256(bytes(8) + digest + salt).digest()
+    db_len = em_len - h_len - 1
+    ps = bytes(db_len - len(salt) - 1) if zeros is None else zeros
+    db = ps + bytes([one]) + salt
+    mask = b"".join(hashlib.sha256(h + c.to_bytes(4, "big")).digest() for c in range(12))[:db_len]
+    masked = bytearray(x ^ y for x, y in zip(db, mask))
+    masked[0] = masked[0] | 0x80 if top_bit else masked[0] & 0x7F
+    em = int.from_bytes(bytes(masked) + h + bytes([trailer]), "big")
+    private = identity.key
+    return pow(em, int(private.d), int(private.n)).to_bytes(384, "big")
+
+
+def test_pss_verification_is_rfc_8017_and_refuses_each_flaw():
+    """verify_pss is written out (4.2): OpenSSL's signatures verify, and a
+    signature with any one flaw of encoding does not, exactly as OpenSSL
+    and pycryptodome decide."""
+    pytest.importorskip("cryptography")
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from Crypto.Hash import SHA256
+    from Crypto.Signature import pss
+    signer, public = key(0), key(0).key.public_key()
+    openssl = serialization.load_pem_private_key(signer.to_pem(), None)
+
+    def openssl_accepts(message: bytes, signature: bytes) -> bool:
+        try:
+            openssl.public_key().verify(signature, message, padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+                                        hashes.SHA256())
+            return True
+        except (InvalidSignature, ValueError):
+            return False
+
+    def pycryptodome_accepts(message: bytes, signature: bytes) -> bool:
+        try:
+            pss.new(public, salt_bytes=32).verify(SHA256.new(message), signature)
+            return True
+        except (ValueError, TypeError):
+            return False
+    message = b"a message"
+    digest = hashlib.sha256(message).digest()
+    good = openssl.sign(message, padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+    cases = {"OpenSSL, salt 32": (good, True), "written out": (raw_pss(signer, digest), True)}
+    for n in (0, 1, 200, 383):                  # one bit changed anywhere
+        cases[f"bit flipped in byte {n}"] = (good[:n] + bytes([good[n] ^ 0x10]) + good[n + 1:], False)
+    for salt in (20, 0):
+        cases[f"OpenSSL, salt {salt}"] = (openssl.sign(message, padding.PSS(padding.MGF1(hashes.SHA256()), salt),
+                                                       hashes.SHA256()), False)
+    cases["PKCS#1 v1.5"] = (openssl.sign(message, padding.PKCS1v15(), hashes.SHA256()), False)
+    cases["trailer not 0xbc"] = (raw_pss(signer, digest, trailer=0xBD), False)
+    cases["leftmost bit set"] = (raw_pss(signer, digest, top_bit=True), False)
+    cases["separator not 0x01"] = (raw_pss(signer, digest, one=0x02), False)
+    cases["padding not zero"] = (raw_pss(signer, digest, zeros=b"\x01" + bytes(317)), False)
+    cases["other message"] = (raw_pss(signer, hashlib.sha256(b"another").digest()), False)
+    cases["s = n"] = (public.n.to_bytes(384, "big"), False)
+    cases["383 bytes"] = (good[1:], False)
+    cases["385 bytes"] = (b"\0" + good, False)
+    secral.RSA_MEMO.clear()
+    for name, (signature, valid) in cases.items():
+        assert secral.verify_pss(public, digest, signature) is valid, name
+        assert openssl_accepts(message, signature) is valid, name      # the case is what it says
+        assert pycryptodome_accepts(message, signature) is valid, name
+    assert secral.verify_signature(public, message, good)
+
+
 def test_gcm_refuses_wrong_aad_or_tag():
     sealed = secral.seal_gcm(b"k" * 32, b"n" * 12, b"secret", b"aad")
     assert secral.open_gcm(b"k" * 32, b"n" * 12, sealed, b"aad") == b"secret"
