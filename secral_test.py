@@ -2222,6 +2222,68 @@ def test_writes_from_other_threads_wait_for_a_batch_and_survive_its_rollback(tmp
         assert dict(shelf.items()) == {"theirs": "from a thread"}
 
 
+def test_work_ahead_reads_the_last_commit_without_waiting_for_a_batch(tmp_path):
+    """holds_committed answers from a connection of its own (issue 17): while
+    another thread holds a batch open it neither waits nor sees the batch's
+    writes, and sees them once committed."""
+    with json_shelf(tmp_path / "shelf.db") as shelf:
+        shelf["old"] = 1
+        inside, release, answers = threading.Event(), threading.Event(), []
+
+        def batch() -> None:
+            with shelf.batch():
+                shelf["new"] = 2
+                inside.set()
+                release.wait(10)
+        writer = threading.Thread(target=batch)
+        writer.start()
+        assert inside.wait(10)
+        asker = threading.Thread(target=lambda: answers.extend(
+            [shelf.holds_committed("old"), shelf.holds_committed("new")]))
+        asker.start()
+        asker.join(10)
+        assert answers == [True, False]         # answered while the batch was open
+        release.set()
+        writer.join(10)
+        assert shelf.holds_committed("new") and not shelf.holds_committed("other")
+
+
+def test_the_line_pipeline_keeps_order_while_work_ahead_finishes_in_any_order(monkeypatch):
+    """LinePipeline (issue 17): the core gets one connection's lines in the
+    order they came, each read whole and with the reads ready behind it, in
+    whatever order their work ahead ends; finish() returns once all are
+    delivered; a reader that is AHEAD_BYTES ahead waits."""
+    import concurrent.futures
+    delivered: list[list[bytes]] = []
+    gates = {line: threading.Event() for line in (b"a\n", b"b\n", b"c\n", b"d\n")}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        pipeline = secral.LinePipeline(pool, lambda batch: delivered.append([line for line, _ in batch]))
+
+        def work(line: bytes):
+            return (lambda: gates[line].wait(10)) if line in gates else None
+        pipeline.put([b"a\n", b"b\n"], 1.0, work)
+        pipeline.put([b"c\n"], 2.0, work)
+        pipeline.put([b"x\n"], 3.0, work)      # no work ahead: waits for the lines before it
+        for line in (b"c\n", b"b\n"):        # the later lines are ready first
+            gates[line].set()
+        time.sleep(0.05)
+        assert delivered == []                  # "a" holds everything behind it
+        gates[b"a\n"].set()
+        pipeline.finish()
+        assert [line for batch in delivered for line in batch] == [b"a\n", b"b\n", b"c\n", b"x\n"]
+        assert delivered[0][:2] == [b"a\n", b"b\n"]      # one read, one call
+        monkeypatch.setattr(secral, "AHEAD_BYTES", 4)
+        pipeline.put([b"d\n", b"e\n"], 4.0, work)       # 4 bytes held: the next read waits
+        third = threading.Thread(target=pipeline.put, args=([b"f\n"], 5.0, work))
+        third.start()
+        third.join(0.1)
+        assert third.is_alive()
+        gates[b"d\n"].set()
+        third.join(10)
+        pipeline.finish()
+        assert [line for batch in delivered for line in batch][-3:] == [b"d\n", b"e\n", b"f\n"]
+
+
 def test_writes_from_many_threads_all_land(tmp_path):
     path = tmp_path / "shelf.db"
     threads_, per_thread = 8, 40
