@@ -3550,6 +3550,7 @@ class SqliteMapping(MutableMapping):
         self.db.execute("CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
         self.reader: sqlite3.Connection | None = None     # for holds_committed, opened on first use
         self.reader_lock = threading.Lock()
+        self.closed = False
 
     def __getitem__(self, key: bytes) -> bytes:
         with self.lock:
@@ -3584,11 +3585,13 @@ class SqliteMapping(MutableMapping):
         own: a WAL reader never waits for the transaction in progress, so work
         ahead (NodeShell) does not wait for the core's group commit."""
         with self.reader_lock:
+            if self.closed:
+                return False                    # stop() closed the store: the core will know
             try:
                 if self.reader is None:
                     self.reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
                 return self.reader.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() is not None
-            except sqlite3.Error:               # closed under us by stop(): the core will know
+            except sqlite3.Error:               # (the core finds out what is wrong)
                 return False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -3635,6 +3638,7 @@ class SqliteMapping(MutableMapping):
         with self.lock:
             self.db.close()
         with self.reader_lock:
+            self.closed = True
             if self.reader is not None:
                 self.reader.close()
 
@@ -4146,14 +4150,15 @@ class LinePipeline:
 
     def put(self, lines: list[bytes], arrived: float, work: Callable[[bytes], Callable[[], None] | None]) -> None:
         """Queue the lines of one read, the work ahead of each started
-        (`work(line)`, None for none); wait for room first."""
-        size = sum(map(len, lines))
+        (`work(line)`, None for none); wait for room first.  Only the reader
+        calls this, so reads queue in the order they came."""
         with self.cond:
-            while self.reads and self.held >= AHEAD_BYTES:
+            while self.held >= AHEAD_BYTES:     # (held until delivered: the core may be slow)
                 self.cond.wait()
-            futures = [self.start(work(line)) for line in lines]
+        futures = [self.start(work(line)) for line in lines]    # (not under cond: a pool that shuts
+        with self.cond:                                         # down runs callbacks, which take it)
             self.reads.append(([(line, arrived) for line in lines], futures))
-            self.held += size
+            self.held += sum(map(len, lines))
         for future in futures:
             future.add_done_callback(lambda _: self.drain())
 
@@ -4171,24 +4176,22 @@ class LinePipeline:
             if self.draining:                   # that thread will look again after its batch
                 return
             self.draining = True
-        try:
-            while True:
-                with self.cond:
-                    batch = []
-                    while self.reads and all(future.done() for future in self.reads[0][1]):
-                        lines, _ = self.reads.popleft()
-                        self.held -= sum(len(line) for line, _ in lines)
-                        batch += lines
-                    self.cond.notify_all()
-                    if not batch:
-                        self.draining = False
-                        return
-                self.deliver(batch)
-        except BaseException:
+        while True:
             with self.cond:
-                self.draining = False
+                batch = []
+                while self.reads and all(future.done() for future in self.reads[0][1]):
+                    batch += self.reads.popleft()[0]
+                if not batch:
+                    self.draining = False
+                    self.cond.notify_all()
+                    return
+            try:
+                self.deliver(batch)
+            except Exception:                   # a bug, or a commit that failed: logged, and
+                log.exception("lines lost to an unexpected error")     # the lines behind still go
+            with self.cond:
+                self.held -= sum(len(line) for line, _ in batch)
                 self.cond.notify_all()
-            raise
 
     def finish(self) -> None:
         """Return once every queued line has reached the core (the reader's
@@ -4253,7 +4256,10 @@ class Connection:
         except Exception:                      # a bug: log it, keep the node alive
             log.exception("connection %d: unexpected error", self.id)
         finally:
-            self.pipeline.finish()
+            try:
+                self.pipeline.finish()
+            except Exception:                   # (drain logs its own; this is a last resort)
+                log.exception("connection %d: lines not delivered", self.id)
             self.shell.call("connection_lost", self.id)
             self.close()
             # Let the writer finish first, so a last error frame reaches the peer.

@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import struct
 import subprocess
@@ -2282,6 +2283,26 @@ def test_the_line_pipeline_keeps_order_while_work_ahead_finishes_in_any_order(mo
         third.join(10)
         pipeline.finish()
         assert [line for batch in delivered for line in batch][-3:] == [b"d\n", b"e\n", b"f\n"]
+
+
+def test_a_line_pipeline_whose_core_call_fails_loses_no_line_behind_it():
+    """A bug or a failed commit in one delivery is logged (its lines were
+    never acked: their senders try again); the reads after it still reach
+    the core and finish() still returns, so the reader can tell the core
+    that the connection is gone."""
+    import concurrent.futures
+    delivered: list[bytes] = []
+
+    def deliver(batch):
+        if batch[0][0] == b"bad\n":
+            raise sqlite3.OperationalError("disk I/O error")
+        delivered.extend(line for line, _ in batch)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        pipeline = secral.LinePipeline(pool, deliver)
+        pipeline.put([b"bad\n"], 1.0, lambda line: None)      # delivered at once, and fails
+        pipeline.put([b"next\n"], 2.0, lambda line: None)
+        pipeline.finish()
+    assert delivered == [b"next\n"] and pipeline.held == 0
 
 
 def test_writes_from_many_threads_all_land(tmp_path):
