@@ -569,7 +569,7 @@ def parse_public_key(text: str) -> RSA.RsaKey:
 
 class CryptoMemo:
     """The results of pure RSA operations, by their exact inputs, so that the
-    network shell can do them in its reader threads, on every core and off
+    network shell can do them on its work-ahead pool, on every core and off
     the core's lock, and the core, asking the same question a moment later,
     finds the answer (work done ahead: it changes no result, only where the
     time is spent).  Bounded; thread-safe."""
@@ -3779,7 +3779,7 @@ class MailKeys:
     overwrites its file with zeros, syncs it, unlinks it and syncs the
     directory, which a SQLite page (with its WAL and free pages) cannot
     promise.  Its id goes to mail-keys/retired first, one line each.
-    Thread-safe: reader threads open mail ahead of the core."""
+    Thread-safe: the work-ahead pool opens mail ahead of the core."""
 
     def __init__(self, directory: str | None = None):
         self.directory = directory
