@@ -4187,8 +4187,10 @@ class LinePipeline:
                     return
             try:
                 self.deliver(batch)
-            except Exception:                   # a bug, or a commit that failed: logged, and
-                log.exception("lines lost to an unexpected error")     # the lines behind still go
+            except Exception:
+                # A bug, or a commit that failed: nothing these lines caused was
+                # sent, so their senders try again; the lines behind still go.
+                log.exception("%d lines not handled (nothing was sent for them)", len(batch))
             with self.cond:
                 self.held -= sum(len(line) for line, _ in batch)
                 self.cond.notify_all()
